@@ -1,0 +1,133 @@
+"""Measured costs: training throughput of a config, and one mixer layer's time and memory vs T.
+
+Figures are printed by scripts/bench.py, never asserted in tests. Memory on CPU is the peak
+resident set size of a fresh worker process above its baseline (so every allocation the layer
+makes counts, whichever allocator made it); on CUDA it is torch's peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from lmkit.task import param_groups
+
+PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; choose one of {list(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step_timings(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    block_size: int,
+    steps: int = 20,
+    warmup: int = 5,
+    precision: str = "bf16-mixed",
+    lr: float = 1e-3,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Median ms/step and tokens/s of forward + backward + clip + AdamW on random tokens."""
+    device = torch.device(device)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    vocab = model.vocab_size
+    times = []
+    for step in range(warmup + steps):
+        x = torch.randint(0, vocab, (batch_size, block_size + 1), device=device)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast_for(precision, device):
+            logits = model(x[:, :-1])
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"ms_per_step": 1e3 * median, "tokens_per_s": batch_size * block_size / median}
+
+
+def layer_timing(
+    make_layer: Callable[[], nn.Module],
+    *,
+    d_model: int,
+    seq_len: int,
+    batch_size: int = 1,
+    repeats: int = 3,
+    precision: str = "32-true",
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Median forward+backward ms of one layer on [B, T, D] input, and its peak memory (MiB)."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    layer = make_layer().to(device)
+    x = torch.randn(batch_size, seq_len, d_model, device=device, requires_grad=True)
+    baseline = _peak_memory_mb(device, reset=True)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms up and is not timed
+        _sync(device)
+        start = time.perf_counter()
+        with autocast_for(precision, device):
+            y = layer(x)
+        y.float().square().mean().backward()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    peak = _peak_memory_mb(device) - baseline
+    return {"ms": 1e3 * statistics.median(times[1:]), "peak_mb": peak}
+
+
+def _peak_memory_mb(device: torch.device, reset: bool = False) -> float:
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _layer_worker(args: tuple) -> dict[str, float]:
+    make_layer, kwargs = args
+    torch.set_num_threads(kwargs.pop("threads"))
+    return layer_timing(make_layer, **kwargs)
+
+
+def layer_costs(
+    make_layer: Callable[[], nn.Module], seq_lens: list[int], *, d_model: int, **kwargs
+) -> list[dict[str, float]]:
+    """layer_timing for each T, each in a fresh process so that peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for T in seq_lens:
+        job = (
+            make_layer,
+            {"d_model": d_model, "seq_len": T, "threads": torch.get_num_threads(), **kwargs},
+        )
+        with ctx.Pool(1) as pool:
+            rows.append({"T": T, **pool.apply(_layer_worker, (job,))})
+    return rows

@@ -1,0 +1,181 @@
+"""Character-level and byte-level BPE tokenizers, built with the ``tokenizers`` library.
+
+- ``char``: one token per character seen in the training text, ids in sorted character order
+  (nanoGPT's ``stoi``), so Tiny Shakespeare has the familiar 65 ids. There is no ``<unk>``: a
+  character the vocabulary lacks raises ValueError at encode time, which keeps the vocabulary
+  exactly the training characters and never hides data that cannot be modelled.
+- ``bpe``: byte-level BPE (GPT-2 pre-tokenization and byte alphabet, all 256 bytes in the
+  initial alphabet) that round-trips any text. Text is first split after every ``\\n``, so a
+  token never spans a line break: encoding line by line gives the same ids as encoding the whole
+  text at once, which is what lets the data path tokenize with ``datasets.map`` in batches of
+  lines.
+
+Both save as a standard ``tokenizer.json``; the kind is read back from its decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+KINDS = ("char", "bpe")
+_MIN_BPE_VOCAB = 256  # the byte alphabet
+
+
+class Tokenizer:
+    """A trained tokenizer: ``encode``/``decode`` plus what training and evaluation need.
+
+    ``token_bytes[i]`` is the number of UTF-8 bytes token ``i`` stands for; summed over the
+    tokens of a text it equals ``len(text.encode())``, which is what bits per byte divide by.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"tokenizer kind={kind!r} is unknown; choose one of {list(KINDS)}")
+        self.tokenizer, self.kind = tokenizer, kind
+        self._token_bytes: np.ndarray | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except Exception as e:
+            raise self._encode_error([text], e) from e
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        try:
+            encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except Exception as e:
+            raise self._encode_error(texts, e) from e
+        return [enc.ids for enc in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """[V] int64: UTF-8 bytes of each token (0 for special tokens)."""
+        if self._token_bytes is None:
+            special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values()}
+            alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+            sizes = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items():
+                if token in special:
+                    continue
+                if self.kind == "bpe":
+                    # a byte-level token is a string of byte symbols, one symbol per byte; a
+                    # decode would be lossy for tokens that hold part of a character
+                    assert set(token) <= alphabet, f"token {token!r} is not byte-level"
+                    sizes[i] = len(token)
+                else:
+                    sizes[i] = len(token.encode("utf-8"))
+            self._token_bytes = sizes
+        return self._token_bytes
+
+    def to_json(self) -> str:
+        """The standard ``tokenizer.json`` text (loadable by ``tokenizers.Tokenizer``)."""
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_json(cls, s: str) -> Tokenizer:
+        tokenizer = tokenizers.Tokenizer.from_str(s)
+        decoder = json.loads(s).get("decoder") or {}
+        kinds = {"Fuse": "char", "ByteLevel": "bpe"}
+        if decoder.get("type") not in kinds:
+            raise ValueError(
+                f"tokenizer.json with decoder {decoder.get('type')!r} was not made by lmkit; "
+                "train one with lmkit.data.tokenizers.train_tokenizer"
+            )
+        return cls(tokenizer, kinds[decoder["type"]])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+    def _encode_error(self, texts: Iterable[str], error: Exception) -> Exception:
+        if self.kind != "char":
+            return error
+        vocab = self.tokenizer.get_vocab()
+        unknown = sorted({c for text in texts for c in set(text)} - vocab.keys())
+        if not unknown:
+            return error
+        return ValueError(
+            f"characters {unknown[:10]!r} are not in the char vocabulary of {self.vocab_size} "
+            "characters seen in the train split; train the tokenizer on text that contains "
+            "them or use tokenizer=bpe, which encodes any text."
+        )
+
+
+def check_tokenizer_config(kind: str, vocab_size: int | None) -> None:
+    """Raise ValueError (one sentence) for an unusable tokenizer configuration."""
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer kind={kind!r} is unknown; choose one of {list(KINDS)}")
+    if kind == "char" and vocab_size is not None:
+        raise ValueError(
+            f"tokenizer kind='char' takes its vocabulary from the train text, so "
+            f"vocab_size={vocab_size} cannot be honoured; remove vocab_size or use kind='bpe'"
+        )
+    if kind == "bpe" and (not isinstance(vocab_size, int) or vocab_size < _MIN_BPE_VOCAB):
+        raise ValueError(
+            f"tokenizer kind='bpe' needs an integer vocab_size >= {_MIN_BPE_VOCAB} (the byte "
+            f"alphabet), got vocab_size={vocab_size!r}; e.g. vocab_size=4096"
+        )
+
+
+def train_tokenizer(
+    kind: str, texts: str | Iterable[str], *, vocab_size: int | None = None
+) -> Tokenizer:
+    """Train a ``char`` or ``bpe`` tokenizer on a text or an iterable of texts (e.g. lines).
+
+    ``vocab_size`` is the BPE target (the result is smaller when the text has fewer merges to
+    learn); ``char`` takes no vocab_size. Training is deterministic.
+    """
+    check_tokenizer_config(kind, vocab_size)
+    if isinstance(texts, str):
+        texts = [texts]
+    if kind == "char":
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        if not chars:
+            raise ValueError("cannot train a char tokenizer on empty text; give non-empty text")
+        vocab = {c: i for i, c in enumerate(sorted(chars))}
+        tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab))
+        # every character is its own pre-token; [\s\S] also matches newlines
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(
+            tokenizers.Regex(r"[\s\S]"), behavior="isolated"
+        )
+        tokenizer.decoder = decoders.Fuse()  # concatenate, no spaces between tokens
+        return Tokenizer(tokenizer, "char")
+
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            # end a pre-token after every newline so tokens never span lines (see module doc)
+            pre_tokenizers.Split("\n", behavior="merged_with_previous"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=True,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tokenizer, "bpe")

@@ -1,0 +1,88 @@
+"""Perplexity and bits per byte from summed token negative log-likelihoods."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100  # targets of padding positions (the last partial evaluation window)
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-position NLL in nats (float32), 0 where targets == IGNORE_INDEX. [B, T, V], [B, T]."""
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view_as(targets)
+
+
+def nll_sums(logits: Tensor, targets: Tensor, token_bytes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(total NLL, scored tokens, UTF-8 bytes of the scored tokens) of one batch, as float64."""
+    scored = targets != IGNORE_INDEX
+    nll = token_nll(logits, targets).double().sum()
+    nbytes = token_bytes[targets[scored]].double().sum()
+    return nll, scored.sum().double(), nbytes
+
+
+def summarize(nll_sum: float, tokens: float, nbytes: float) -> dict[str, float]:
+    """loss = mean NLL per token (nats), ppl = exp(loss), bpb = NLL / (ln 2 * bytes)."""
+    if tokens <= 0:
+        raise ValueError("no tokens were scored; the evaluation split is empty")
+    loss = nll_sum / tokens
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+        "bpb": nll_sum / (math.log(2) * nbytes) if nbytes > 0 else float("nan"),
+    }
+
+
+def as_tensor(values: list[float] | Tensor) -> Tensor:
+    return values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float64)
+
+
+def evaluate_checkpoint(
+    path: str,
+    split: str = "val",
+    *,
+    limit_batches: int | float | None = None,
+    precision: str | None = None,
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of a checkpoint on a split of the data it was trained on.
+
+    Runs under the precision the model was trained with unless `precision` says otherwise, so the
+    numbers reproduce those logged during training.
+    """
+    import lightning as L
+
+    from lmkit.checkpoint import restore
+    from lmkit.training import build_datamodule, build_task
+
+    restored = restore(path)
+    cfg = restored.config
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare()
+    if datamodule.tokenizer.to_json() != restored.tokenizer.to_json():
+        raise ValueError(
+            f"the tokenizer built from the data now differs from the one in {path}; "
+            f"the corpus files changed since training"
+        )
+    if split not in datamodule.split_names:
+        raise ValueError(
+            f"split={split!r} is not in this corpus; choose one of {list(datamodule.split_names)}"
+        )
+    task = build_task(cfg, restored.model, datamodule)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        precision=precision or cfg.trainer.precision,
+        enable_checkpointing=False,
+        enable_progress_bar=True,
+        enable_model_summary=False,
+        limit_test_batches=limit_batches,
+    )
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    metrics = trainer.test(task, dataloaders=loader, verbose=False)[0]
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")}

@@ -1,0 +1,184 @@
+"""DecoderLM: embedding -> N x Block(norm, mixer, norm, mlp) -> norm -> LM head."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from lmkit.mixers.base import Cache, Mixer
+from lmkit.model.block import Block
+from lmkit.model.embeddings import Embedding
+from lmkit.model.heads import LMHead
+from lmkit.model.norms import build_norm
+from lmkit.model.rotary import RotaryEmbedding
+
+# Residual projections (the last matrix before a residual add) get GPT-2's 1/sqrt(2L) init scale.
+RESIDUAL_PROJECTIONS = ("out_proj", "down_proj")
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only language model whose sequence mixer, MLP and embedding come from the config.
+
+    `mixer`, `mlp` and `embedding` are partials (Hydra `_partial_: true`) completed here, one mixer
+    per layer. A mixer that brings its own channel mixing (GAU, Mamba) runs with `mlp=None`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        mixer: Callable[..., Mixer],
+        mlp: Callable[..., nn.Module] | None = None,
+        embedding: Callable[..., Embedding] = Embedding,
+        d_model: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        norm: str = "layernorm",
+        tie_weights: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("d_model", d_model),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+        ):
+            if value < 1:
+                raise ValueError(f"model.{name}={value} must be >= 1")
+        if d_model % num_heads:
+            raise ValueError(
+                f"model.d_model={d_model} must be divisible by "
+                f"model.num_heads={num_heads}; change one of them"
+            )
+        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
+        self.num_heads, self.tie_weights = num_heads, tie_weights
+        self.embedding = embedding(vocab_size, d_model)
+        mixer_extra = {}
+        if self.embedding.positional == "rope":
+            mixer_extra["rotary"] = RotaryEmbedding(
+                d_model // num_heads, base=self.embedding.rope_base
+            )
+            _check_accepts(mixer, "rotary")
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                mixer(d_model, layer_idx=i, **mixer_extra),
+                mlp(d_model) if mlp is not None else None,
+                norm=norm,
+                dropout=dropout,
+            )
+            for i in range(num_layers)
+        )
+        self.final_norm = build_norm(norm, d_model)
+        self.head = LMHead(d_model, vocab_size)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_PROJECTIONS)):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_layers))
+        if tie_weights:
+            self.head.proj.weight = self.embedding.token.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) for matrices and embeddings, zero biases. Mixers with their own init
+        # (Mamba's dt, A) set `_skip_init = True` on the modules to leave alone.
+        if getattr(module, "_skip_init", False):
+            return
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def max_len(self) -> int | None:
+        """Longest sequence the positional embedding supports (None: unbounded)."""
+        return self.embedding.max_len if self.embedding.bounded else None
+
+    def forward(self, idx: Tensor, caches: list[Cache] | None = None) -> Tensor:
+        """idx: [B, T] -> logits [B, T, V]. With caches, continues the cached sequence."""
+        h = self.hidden_states(idx, caches)
+        return self.head(h)
+
+    def hidden_states(self, idx: Tensor, caches: list[Cache] | None = None) -> Tensor:
+        """Final-norm hidden states [B, T, D] (what the LM head and Medusa heads read)."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
+        if caches is not None and len(caches) != self.num_layers:
+            raise ValueError(f"got {len(caches)} caches for {self.num_layers} layers")
+        offset = caches[0].length if caches else 0
+        x = self.embedding(idx, offset)  # [B, T, D]
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.final_norm(x)
+
+    def init_caches(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> list[Cache]:
+        """One empty decoding cache per layer."""
+        return [
+            block.mixer.init_cache(batch_size, max_len, device=device, dtype=dtype)
+            for block in self.blocks
+        ]
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights counted once); optionally without the embedding tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for p in self.embedding.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 N for the matrices + 12 L D T for attention scores
+        (Kaplan et al., 2020; PaLM appendix B). An estimate: non-softmax mixers differ."""
+        return (
+            6 * self.num_params(non_embedding=True) + 12 * self.num_layers * self.d_model * seq_len
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample continuations of idx [B, T0] using every mixer's cache -> [B, T0 + new]."""
+        from lmkit.decoding.sampling import generate
+
+        return generate(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+
+
+def _check_accepts(factory: Callable[..., Mixer], option: str) -> None:
+    func = getattr(factory, "func", factory)  # unwrap functools.partial
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    if option not in params:
+        name = getattr(func, "__name__", str(func))
+        raise ValueError(
+            f"model/embedding=rope rotates attention queries and keys, but mixer "
+            f"{name} has none; use model/embedding=learned, sinusoidal or none"
+        )

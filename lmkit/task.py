@@ -1,0 +1,156 @@
+"""LanguageModelTask: the LightningModule that trains and evaluates a DecoderLM."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lmkit.evaluation import nll_sums, summarize, token_nll
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norm gains, embeddings and tensors marked
+    `_no_weight_decay` do not. Tied parameters are listed once."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if p.dim() < 2 or id(p) in embedding_params or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_ratio."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LanguageModelTask(L.LightningModule):
+    """Next-token cross-entropy, AdamW on matrices only, warmup + cosine, ppl and bits per byte.
+
+    `optimizer` is a partial of a torch optimizer (Hydra `_partial_: true`), completed with the
+    parameter groups. `token_bytes` ([V], UTF-8 bytes of each token) turns NLL into bits per byte.
+    `checkpoint_extras` (resolved config, tokenizer) is stored in every checkpoint under "lmkit".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        max_steps: int = 1000,
+        min_lr: float = 0.0,
+        token_bytes: Tensor | None = None,
+        checkpoint_extras: dict | None = None,
+    ) -> None:
+        super().__init__()
+        lr = getattr(optimizer, "keywords", {}).get("lr")
+        if lr is not None and lr <= 0:
+            raise ValueError(f"optim.optimizer.lr={lr} must be positive")
+        if max_steps < 1:
+            raise ValueError(f"trainer.max_steps={max_steps} must be >= 1")
+        if warmup_steps < 0 or min_lr < 0 or weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
+        self.model, self.optimizer_factory = model, optimizer
+        self.weight_decay, self.warmup_steps = weight_decay, warmup_steps
+        self.max_steps, self.min_lr, self.lr = max_steps, min_lr, lr
+        vocab = getattr(model, "vocab_size", None)
+        if token_bytes is None:
+            token_bytes = torch.ones(vocab or 1, dtype=torch.long)
+        self.register_buffer(
+            "token_bytes", torch.as_tensor(token_bytes, dtype=torch.long), persistent=False
+        )
+        self.checkpoint_extras = checkpoint_extras or {}
+        self._eval_sums: Tensor | None = None
+        self._step_start = 0.0
+        self.step_times: list[float] = []
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = token_nll(self.model(x), y).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        self.step_times.append(elapsed)
+        tokens = batch[0].numel() * self.trainer.world_size
+        self.log("tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if norms:  # before clipping: the size of the raw gradient
+            self.log("grad_norm", torch.stack(norms).norm())
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        min_ratio = self.min_lr / self.lr if self.lr else 0.0
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=self.warmup_steps,
+            max_steps=self.max_steps,
+            min_ratio=min_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ---- evaluation: sums over the whole split, reduced across ranks -------------------
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+        x, y = batch
+        sums = torch.stack(nll_sums(self.model(x), y, self.token_bytes))
+        self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+
+    def _eval_end(self, prefix: str) -> None:
+        sums = (
+            self._eval_sums if self._eval_sums is not None else torch.zeros(3, dtype=torch.float64)
+        )
+        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
+        self._eval_sums = None
+        metrics = summarize(*sums.tolist())
+        for name, value in metrics.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", rank_zero_only=False)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lmkit"] = self.checkpoint_extras

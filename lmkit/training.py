@@ -1,0 +1,192 @@
+"""From a composed config to a trained model: build every part, check it, fit, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lmkit.data.datamodule import TextDataModule
+from lmkit.model.decoder import DecoderLM
+from lmkit.task import LanguageModelTask
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> TextDataModule:
+    """The data module of cfg.data with cfg.tokenizer, seeded and sized by the run."""
+    tokenizer = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    return instantiate(
+        cfg.data, tokenizer=tokenizer, seed=cfg.seed, max_steps=cfg.trainer.max_steps
+    )
+
+
+def build_model(cfg: DictConfig, vocab_size: int) -> DecoderLM:
+    return instantiate(cfg.model)(vocab_size=vocab_size)
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Build the model on the meta device (no memory, no init cost) so that a bad size or option
+    fails in a second, before any data work."""
+    with torch.device("meta"):
+        build_model(cfg, vocab_size=2)
+
+
+def build_task(
+    cfg: DictConfig,
+    model: DecoderLM,
+    datamodule: TextDataModule | None = None,
+    extras: dict | None = None,
+) -> LanguageModelTask:
+    token_bytes = None
+    if datamodule is not None:
+        token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes)
+    return LanguageModelTask(
+        model,
+        optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
+        weight_decay=cfg.optim.weight_decay,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_steps=cfg.trainer.max_steps,
+        min_lr=cfg.optim.min_lr,
+        token_bytes=token_bytes,
+        checkpoint_extras=extras,
+    )
+
+
+def wandb_mode(requested: str) -> str:
+    """'online' when an API key is configured (env or ~/.netrc), else 'offline', unless forced."""
+    if requested in ("online", "offline"):
+        return requested
+    if requested != "auto":
+        raise ValueError(f"logger.mode={requested!r}; choose auto, online or offline")
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(run_dir, name="", version="")]
+    if cfg.logger.get("wandb", False):
+        mode = wandb_mode(cfg.logger.get("mode", "auto"))
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                name=cfg.logger.name,
+                save_dir=str(run_dir),
+                offline=mode == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, *, loggers: list[Logger] | None = None, **overrides
+) -> L.Trainer:
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step{step}",
+            auto_insert_metric_name=False,
+            monitor="val/loss",
+            mode="min",
+            save_top_k=cfg.checkpoint.save_top_k,
+            save_last=True,
+            every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        ),
+        RichProgressBar(),
+    ]
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        **overrides,
+    )
+
+
+def check_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"run dir {run_dir} is not writable ({err.strerror}); "
+            f"set hydra.run.dir to a writable folder"
+        ) from err
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory when on CUDA, else the process's peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train the model of cfg, evaluate it on val (and test), write results.json; return it."""
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    check_run_dir(run_dir)
+    check_model_config(cfg)  # fail fast on sizes and options, before any data work
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(cfg, run_dir, loggers=build_loggers(cfg, run_dir))
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare()
+    model = build_model(cfg, datamodule.vocab_size)
+    extras = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "tokenizer": datamodule.tokenizer.to_json(),
+    }
+    task = build_task(cfg, model, datamodule, extras)
+    log.info(
+        "model: %s parameters (%s non-embedding)",
+        f"{model.num_params():,}",
+        f"{model.num_params(non_embedding=True):,}",
+    )
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(last)  # the final weights, whatever the validation schedule
+
+    results: dict = {}
+    for split, run in (("val", trainer.validate), ("test", trainer.test)):
+        if split in datamodule.split_names:
+            metrics = run(task, datamodule=datamodule, verbose=False)[0]
+            results.update(
+                {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb")}
+            )
+    steady = task.step_times[min(10, len(task.step_times) // 2) :] or task.step_times
+    tokens_per_step = cfg.data.batch_size * cfg.data.block_size * trainer.world_size
+    results.update(
+        {
+            "params": model.num_params(),
+            "tokens_per_s": tokens_per_step / statistics.median(steady) if steady else None,
+            "wall_s": time.perf_counter() - started,
+            "peak_mem_mb": peak_memory_mb(),
+            "checkpoint": str(last),
+            "config": extras["config"],
+        }
+    )
+    if trainer.is_global_zero:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,40 @@
+"""Helpers shared by the tests: the repo's paths and tiny configs composed as the scripts do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+# A tiny model and short run: enough to test every moving part in seconds on 2 cores.
+TINY = [
+    "model.d_model=32",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "data.block_size=32",
+    "data.batch_size=4",
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "trainer.limit_val_batches=4",
+    "trainer.precision=32-true",
+    "trainer.accelerator=cpu",
+    "trainer.log_every_n_steps=5",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "optim.warmup_steps=2",
+]
+
+
+def compose_config(
+    *overrides: str, tiny: bool = True, run_dir: Path | str | None = None
+) -> DictConfig:
+    """The config scripts/train.py would see for these overrides (Hydra's compose API)."""
+    args = (TINY if tiny else []) + list(overrides)
+    if run_dir is not None:
+        args.append(f"run_dir={run_dir}")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=args)

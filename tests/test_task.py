@@ -1,0 +1,99 @@
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmkit.mixers.softmax import SoftmaxAttention
+from lmkit.model.decoder import DecoderLM
+from lmkit.model.mlp import MLP
+from lmkit.task import LanguageModelTask, param_groups, warmup_cosine
+
+
+def tiny_model(norm: str = "layernorm") -> DecoderLM:
+    return DecoderLM(
+        40,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        norm=norm,
+        mixer=functools.partial(SoftmaxAttention, num_heads=4, bias=True),
+        mlp=functools.partial(MLP, bias=True),
+    )
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_param_groups_decay_matrices_only(norm):
+    model = tiny_model(norm)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and "norm" not in n and "embedding" not in n for n in decayed)
+    assert "embedding.token.weight" in kept and "embedding.position.weight" in kept
+    assert any(n.endswith("bias") for n in kept) and any("norm" in n for n in kept)
+    assert "blocks.0.mixer.qkv.weight" in decayed and "blocks.1.mlp.down_proj.weight" in decayed
+    # every parameter exactly once; the tied head weight is the embedding (not decayed)
+    assert len(decayed) + len(kept) == len(list(model.parameters()))
+
+
+def test_marked_tensors_are_not_decayed():
+    layer = nn.Linear(4, 4)
+    layer.weight._no_weight_decay = True
+    decay, no_decay = param_groups(layer, 0.1)
+    assert not decay["params"] and len(no_decay["params"]) == 2
+
+
+def test_adamw_decay_is_decoupled_from_the_gradient():
+    lr, wd, g = 0.1, 0.5, torch.tensor([0.3, -2.0])
+    p0 = torch.tensor([1.0, -1.0])
+
+    def one_step(opt_cls):
+        p = nn.Parameter(p0.clone())
+        opt = opt_cls([p], lr=lr, weight_decay=wd, betas=(0.9, 0.99), eps=1e-8)
+        p.grad = g.clone()
+        opt.step()
+        return p.detach()
+
+    # AdamW: p <- p - lr * wd * p - lr * m_hat / (sqrt(v_hat) + eps);
+    # on the first step m_hat / sqrt(v_hat) = sign(g).
+    expected = p0 * (1 - lr * wd) - lr * g / (g.abs() + 1e-8)
+    torch.testing.assert_close(one_step(torch.optim.AdamW), expected)
+    # Adam + L2 folds wd * p into the gradient, which the normalisation then washes out.
+    g_l2 = g + wd * p0
+    torch.testing.assert_close(one_step(torch.optim.Adam), p0 - lr * g_l2 / (g_l2.abs() + 1e-8))
+    assert not torch.allclose(one_step(torch.optim.AdamW), one_step(torch.optim.Adam))
+
+
+def test_warmup_then_cosine_to_floor():
+    f = functools.partial(warmup_cosine, warmup_steps=10, max_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_bf16_autocast_loss_matches_fp32():
+    model = tiny_model()
+    x = torch.randint(0, 40, (4, 32))
+    y = torch.randint(0, 40, (4, 32))
+    loss32 = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    loss16 = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    assert math.isfinite(loss16.item())
+    assert abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+
+
+def test_task_refuses_bad_optimisation_settings():
+    opt = functools.partial(torch.optim.AdamW, lr=0.0)
+    with pytest.raises(ValueError, match="lr=0.0 must be positive"):
+        LanguageModelTask(tiny_model(), optimizer=opt)
+    with pytest.raises(ValueError, match="max_steps=0"):
+        LanguageModelTask(
+            tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), max_steps=0
+        )
