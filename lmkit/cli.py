@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import InstantiationException
+from omegaconf import DictConfig
 
 # Errors that mean "the input is wrong", not "lmkit is broken": shown as one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, InstantiationException)
@@ -30,32 +31,33 @@ def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         sys.exit(2)
 
 
-def parse_key_values(defaults: dict, doc: str, argv: list[str] | None = None):
-    """key=value arguments over `defaults` (an unknown key or a missing `???` value is an error).
+def parse_key_values(defaults: dict, doc: str, argv: list[str] | None = None) -> DictConfig:
+    """key=value arguments over `defaults`; `-h`/`--help` prints `doc` and exits.
 
-    `-h`/`--help` prints `doc` and exits.
+    Values of keys whose default is a string are taken verbatim (a prompt like `ROMEO:` stays
+    text); others are parsed as YAML (`top_k=null`, `max_new_tokens=50`). An unknown key or a
+    missing required (`???`) value is a one-line error with exit status 2.
     """
+    import yaml
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip())
         sys.exit(0)
-    base = OmegaConf.create(defaults)
-    OmegaConf.set_struct(base, True)
+    values = dict(defaults)
     try:
-        bad = [a for a in argv if "=" not in a]
-        if bad:
-            raise ValueError(f"arguments are key=value pairs, got {bad[0]!r}")
-        args = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-        missing = [k for k in args if OmegaConf.is_missing(args, k)]
+        for arg in argv:
+            key, sep, raw = arg.partition("=")
+            if not sep:
+                raise ValueError(f"arguments are key=value pairs, got {arg!r}")
+            if key not in defaults:
+                raise ValueError(f"unknown key {key!r}; known keys: {', '.join(defaults)}")
+            values[key] = raw if isinstance(defaults[key], str) else yaml.safe_load(raw)
+        missing = [k for k, v in values.items() if v == "???"]
         if missing:
             raise ValueError(f"{missing[0]}=... is required (see --help)")
-    except (ValueError, OmegaConfBaseException) as err:
-        message = str(err).splitlines()[0]
-        if "Key '" in message and "not in struct" in message.lower() or "not found" in message:
-            message += f"; known keys: {', '.join(defaults)}"
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, yaml.YAMLError) as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    return args
+    return OmegaConf.create(values)

@@ -9,6 +9,7 @@ import os
 import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -82,6 +83,9 @@ def wandb_mode(requested: str) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """CSV metrics (run_dir/metrics.csv) always; wandb when cfg.logger.wandb."""
+    # Hydra's own files share the run dir; the CSV logger only replaces its metrics.csv.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     loggers: list[Logger] = [CSVLogger(run_dir, name="", version="")]
     if cfg.logger.get("wandb", False):
         mode = wandb_mode(cfg.logger.get("mode", "auto"))
@@ -164,9 +168,11 @@ def train(cfg: DictConfig) -> dict:
         f"{model.num_params(non_embedding=True):,}",
     )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: a resumed checkpoint is read without unpickling code.
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)  # the final weights, whatever the validation schedule
+    # The final weights and full training state, whatever the validation schedule was.
+    trainer.save_checkpoint(last, weights_only=False)
 
     results: dict = {}
     for split, run in (("val", trainer.validate), ("test", trainer.test)):

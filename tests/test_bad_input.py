@@ -1,0 +1,77 @@
+"""Bad input is refused before any training, with one clear sentence, and nothing is written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from support import REPO
+
+from lmkit.training import train
+
+
+def assert_refused(cfg, error, match):
+    with pytest.raises(error, match=match):
+        train(cfg)
+    assert not (cfg.run_dir and os.path.exists(os.path.join(cfg.run_dir, "checkpoints")))
+
+
+def test_heads_must_divide_d_model(tiny_config):
+    assert_refused(tiny_config("model.d_model=30"), ValueError,
+                   r"model.d_model=30 must be divisible by model.num_heads=4")
+
+
+def test_unknown_option_value(tiny_config):
+    assert_refused(tiny_config("model.mixer.backend=fast"), ValueError,
+                   r"backend='fast'; choose one of \['sdpa', 'naive', 'tiled'\]")
+
+
+def test_missing_data_file(tiny_config, tmp_path):
+    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/nope.txt"), FileNotFoundError,
+                   "nope.txt")
+
+
+def test_empty_data_file(tiny_config, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/empty.txt"), ValueError,
+                   "empty")
+
+
+def test_binary_data_file(tiny_config, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/blob.bin"), ValueError,
+                   "not UTF-8 text")
+
+
+def test_block_size_longer_than_a_split(tiny_config, tmp_path):
+    (tmp_path / "train.txt").write_text("to be or not to be " * 200)
+    (tmp_path / "val.txt").write_text("that is the question")
+    cfg = tiny_config("data=text", f"data.train={tmp_path}/train.txt",
+                      f"data.val={tmp_path}/val.txt", "data.block_size=64")
+    assert_refused(cfg, ValueError, "block_size=64 exceeds")
+
+
+def test_non_positive_lr_and_steps(tiny_config):
+    assert_refused(tiny_config("optim.optimizer.lr=0"), ValueError, "lr=0")
+    assert_refused(tiny_config("trainer.max_steps=0"), ValueError, "max_steps=0")
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_unknown_mixer_lists_the_choices(tmp_path):
+    out = run_train("model/mixer=nope", f"hydra.run.dir={tmp_path}")
+    assert out.returncode != 0
+    assert "Could not find 'model/mixer/nope'" in out.stderr and "softmax" in out.stderr
+
+
+def test_cli_user_error_is_one_line_with_exit_status_2(tmp_path):
+    out = run_train("model.d_model=30", "logger=csv", f"hydra.run.dir={tmp_path}/run")
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: model.d_model=30 must be divisible by model.num_heads=4; "
+                      "change one of them"]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
