@@ -324,3 +324,19 @@ def test_bad_options_raise(options, match):
     options = {"d_model": D_MODEL, **options}
     with pytest.raises(ValueError, match=match):
         SoftmaxAttention(options.pop("d_model"), **options)
+
+
+def test_tiled_keeps_fp32_statistics_under_autocast():
+    # Autocast must not turn the tile matmuls into bf16 ones: fp32 inputs under bf16 autocast
+    # give the fp32 result (bf16 tiles would be off by ~1e-2), in forward and backward. (The
+    # autograd.Function runs below the autocast dispatch key; this guards that property.)
+    q, k, v = qkv(150, 150, 32)
+    expected = tiled_attention(q, k, v, tile_size=32)
+    grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiled_attention(q, k, v, tile_size=32)
+        autocast_grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert out.dtype == torch.float32
+    assert_close(out, expected, **FP32)
+    for g, ref in zip(autocast_grads, grads):
+        assert_close(g, ref, atol=1e-4, rtol=1e-4)
