@@ -17,37 +17,50 @@ def assert_refused(cfg, error, match):
 
 
 def test_heads_must_divide_d_model(tiny_config):
-    assert_refused(tiny_config("model.d_model=30"), ValueError,
-                   r"model.d_model=30 must be divisible by model.num_heads=4")
+    assert_refused(
+        tiny_config("model.d_model=30"),
+        ValueError,
+        r"model.d_model=30 must be divisible by model.num_heads=4",
+    )
 
 
 def test_unknown_option_value(tiny_config):
-    assert_refused(tiny_config("model.mixer.backend=fast"), ValueError,
-                   r"backend='fast'; choose one of \['sdpa', 'naive', 'tiled'\]")
+    assert_refused(
+        tiny_config("model.mixer.backend=fast"),
+        ValueError,
+        r"backend='fast'; choose one of \['sdpa', 'naive', 'tiled'\]",
+    )
 
 
 def test_missing_data_file(tiny_config, tmp_path):
-    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/nope.txt"), FileNotFoundError,
-                   "nope.txt")
+    assert_refused(
+        tiny_config("data=text", f"data.train={tmp_path}/nope.txt"), FileNotFoundError, "nope.txt"
+    )
 
 
 def test_empty_data_file(tiny_config, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/empty.txt"), ValueError,
-                   "empty")
+    assert_refused(
+        tiny_config("data=text", f"data.train={tmp_path}/empty.txt"), ValueError, "empty"
+    )
 
 
 def test_binary_data_file(tiny_config, tmp_path):
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
-    assert_refused(tiny_config("data=text", f"data.train={tmp_path}/blob.bin"), ValueError,
-                   "not UTF-8 text")
+    assert_refused(
+        tiny_config("data=text", f"data.train={tmp_path}/blob.bin"), ValueError, "not UTF-8 text"
+    )
 
 
 def test_block_size_longer_than_a_split(tiny_config, tmp_path):
     (tmp_path / "train.txt").write_text("to be or not to be " * 200)
     (tmp_path / "val.txt").write_text("that is the question")
-    cfg = tiny_config("data=text", f"data.train={tmp_path}/train.txt",
-                      f"data.val={tmp_path}/val.txt", "data.block_size=64")
+    cfg = tiny_config(
+        "data=text",
+        f"data.train={tmp_path}/train.txt",
+        f"data.val={tmp_path}/val.txt",
+        "data.block_size=64",
+    )
     assert_refused(cfg, ValueError, "block_size=64 exceeds")
 
 
@@ -57,8 +70,13 @@ def test_non_positive_lr_and_steps(tiny_config):
 
 
 def run_train(*args):
-    return subprocess.run([sys.executable, "scripts/train.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "scripts/train.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_unknown_mixer_lists_the_choices(tmp_path):
@@ -71,7 +89,8 @@ def test_cli_user_error_is_one_line_with_exit_status_2(tmp_path):
     out = run_train("model.d_model=30", "logger=csv", f"hydra.run.dir={tmp_path}/run")
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: model.d_model=30 must be divisible by model.num_heads=4; "
-                      "change one of them"]
+    assert errors == [
+        "error: model.d_model=30 must be divisible by model.num_heads=4; change one of them"
+    ]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

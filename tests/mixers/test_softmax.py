@@ -338,5 +338,5 @@ def test_tiled_keeps_fp32_statistics_under_autocast():
         autocast_grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert out.dtype == torch.float32
     assert_close(out, expected, **FP32)
-    for g, ref in zip(autocast_grads, grads):
+    for g, ref in zip(autocast_grads, grads, strict=True):
         assert_close(g, ref, atol=1e-4, rtol=1e-4)

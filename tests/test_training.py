@@ -1,0 +1,80 @@
+"""lmkit.training in-process: results, checkpoints that carry everything, safe loading."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from support import compose_config
+
+from lmkit.checkpoint import load_checkpoint, restore
+from lmkit.training import train
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A few steps on three local files (WikiText-2's valid/test text as train/val/test)."""
+    wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
+    run_dir = tmp_path_factory.mktemp("training") / "run"
+    cfg = compose_config(
+        "data=text",
+        f"data.train={wiki}/valid.txt",
+        f"data.val={wiki}/test.txt",
+        f"data.test={wiki}/test.txt",
+        "tokenizer=bpe",
+        "tokenizer.vocab_size=300",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "model/embedding=rope",
+        run_dir=run_dir,
+    )
+    return cfg, train(cfg)
+
+
+def test_results_json_has_val_and_test_metrics(small_run):
+    cfg, results = small_run
+    on_disk = json.loads((Path(cfg.run_dir) / "results.json").read_text())
+    for key in (
+        "val_loss",
+        "val_ppl",
+        "val_bpb",
+        "test_loss",
+        "test_ppl",
+        "test_bpb",
+        "params",
+        "tokens_per_s",
+        "wall_s",
+        "peak_mem_mb",
+    ):
+        assert key in on_disk, key
+    assert on_disk["config"]["tokenizer"]["kind"] == "bpe"
+    # byte-level BPE tokens hold several bytes: bits per byte < bits per token
+    assert results["val_bpb"] < results["val_loss"] / 0.6931
+
+
+def test_checkpoint_loads_weights_only_and_restores_the_model(small_run):
+    cfg, results = small_run
+    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["lmkit"]["config"]["model"]["d_model"] == 32
+    assert '"model"' in checkpoint["lmkit"]["tokenizer"]  # the tokenizer.json itself
+    restored = restore(results["checkpoint"])
+    assert restored.global_step == 6
+    ids = torch.tensor([restored.tokenizer.encode(" The game began .")])
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items()}
+    assert torch.equal(restored.model.embedding.token.weight, state["embedding.token.weight"])
+    assert restored.model(ids).shape == (1, ids.shape[1], restored.tokenizer.vocab_size)
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match="corrupt or not a torch checkpoint"):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not written by lmkit"):
+        load_checkpoint(foreign)
