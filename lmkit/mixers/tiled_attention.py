@@ -107,7 +107,9 @@ def _backward(
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, tile_size):
-        o, lse = _forward(q, k, v, causal, scale, tile_size)
+        # Autocast would run the tile matmuls in bf16/fp16; the statistics must stay in fp32.
+        with torch.autocast(q.device.type, enabled=False):
+            o, lse = _forward(q, k, v, causal, scale, tile_size)
         ctx.save_for_backward(q, k, v, o, lse)  # O(T d): no score tile is kept
         ctx.causal, ctx.scale, ctx.tile_size = causal, scale, tile_size
         return o, lse
@@ -115,7 +117,9 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.causal, ctx.scale, ctx.tile_size)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.causal, ctx.scale,
+                                   ctx.tile_size)
         return dq, dk, dv, None, None, None
 
 
