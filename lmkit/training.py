@@ -153,7 +153,8 @@ def train(cfg: DictConfig) -> dict:
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    trainer = build_trainer(cfg, run_dir, loggers=build_loggers(cfg, run_dir))
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, loggers=loggers)
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
     model = build_model(cfg, datamodule.vocab_size)
@@ -195,4 +196,7 @@ def train(cfg: DictConfig) -> dict:
     )
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # the next job of a multirun starts its own wandb run
     return results
