@@ -131,3 +131,37 @@ def layer_costs(
         with ctx.Pool(1) as pool:
             rows.append({"T": T, **pool.apply(_layer_worker, (job,))})
     return rows
+
+
+@torch.no_grad()
+def decode_timings(model: nn.Module, positions: list[int], *, steps: int = 20,
+                   batch_size: int = 1, device: str | torch.device = "cpu") -> list[dict]:
+    """Median ms per generated token when the caches already hold about `position` tokens.
+
+    The caches are filled by prefill forwards (chunks of at most 1024 tokens) up to each
+    position, then `steps` one-token forwards are timed. Flat figures across positions mean
+    decoding cost does not grow with the length generated so far.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    positions = sorted(positions)
+    total = positions[-1] + steps + 1
+    tokens = torch.randint(0, model.vocab_size, (batch_size, total), device=device)
+    caches = model.init_caches(batch_size, total, device=device)
+    rows, filled = [], 0
+    for position in positions:
+        while filled < position:
+            n = min(1024, position - filled)
+            model(tokens[:, filled: filled + n], caches)
+            filled += n
+        start_position, times = filled, []
+        for _ in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            model(tokens[:, filled: filled + 1], caches)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            filled += 1
+        rows.append({"position": start_position,
+                     "ms_per_token": 1e3 * statistics.median(times)})
+    return rows

@@ -7,6 +7,8 @@
 train: median ms/step and tokens/s of a full training step (forward, backward, clip, AdamW) on
 random tokens of the config's batch and block size, and the process's peak memory.
 layer: forward+backward ms and peak memory of one mixer layer (d_model of the config) per T.
+decode: ms per generated token with the caches filled to each of bench.decode_positions
+(positional tables are sized to fit; use model/embedding=rope or none for unbounded models).
 """
 
 import functools
@@ -14,11 +16,11 @@ import functools
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.bench import layer_costs, train_step_timings
+from lmkit.bench import decode_timings, layer_costs, train_step_timings
 from lmkit.cli import run_cli
 from lmkit.training import build_model, peak_memory_mb
 
@@ -69,6 +71,19 @@ def bench(cfg: DictConfig) -> None:
                 f"{1e3 * r['ms'] / r['T']:.2f}",
                 f"{r['peak_mb']:.1f}",
             )
+        console.print(table)
+    if "decode" in b.what:
+        longest = max(b.decode_positions) + b.decode_steps + 1
+        with open_dict(cfg):
+            cfg.model.embedding.max_len = max(cfg.model.embedding.max_len, longest)
+        model = build_model(cfg, vocab_size=65)
+        rows = decode_timings(model, list(b.decode_positions), steps=b.decode_steps,
+                              device=b.device)
+        table = Table(title=f"decoding with {label} caches, batch 1")
+        table.add_column("position", justify="right")
+        table.add_column("ms / token", justify="right")
+        for r in rows:
+            table.add_row(str(r["position"]), f"{r['ms_per_token']:.2f}")
         console.print(table)
 
 
