@@ -1,4 +1,4 @@
-"""The benchmark helpers run and return sane figures (timings are printed by scripts, not tested)."""
+"""The benchmark helpers run and return sane figures (timings are printed, not tested)."""
 
 import functools
 
