@@ -134,8 +134,14 @@ def layer_costs(
 
 
 @torch.no_grad()
-def decode_timings(model: nn.Module, positions: list[int], *, steps: int = 20,
-                   batch_size: int = 1, device: str | torch.device = "cpu") -> list[dict]:
+def decode_timings(
+    model: nn.Module,
+    positions: list[int],
+    *,
+    steps: int = 20,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
     """Median ms per generated token when the caches already hold about `position` tokens.
 
     The caches are filled by prefill forwards (chunks of at most 1024 tokens) up to each
@@ -152,16 +158,15 @@ def decode_timings(model: nn.Module, positions: list[int], *, steps: int = 20,
     for position in positions:
         while filled < position:
             n = min(1024, position - filled)
-            model(tokens[:, filled: filled + n], caches)
+            model(tokens[:, filled : filled + n], caches)
             filled += n
         start_position, times = filled, []
         for _ in range(steps):
             _sync(device)
             start = time.perf_counter()
-            model(tokens[:, filled: filled + 1], caches)
+            model(tokens[:, filled : filled + 1], caches)
             _sync(device)
             times.append(time.perf_counter() - start)
             filled += 1
-        rows.append({"position": start_position,
-                     "ms_per_token": 1e3 * statistics.median(times)})
+        rows.append({"position": start_position, "ms_per_token": 1e3 * statistics.median(times)})
     return rows

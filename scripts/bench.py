@@ -77,8 +77,9 @@ def bench(cfg: DictConfig) -> None:
         with open_dict(cfg):
             cfg.model.embedding.max_len = max(cfg.model.embedding.max_len, longest)
         model = build_model(cfg, vocab_size=65)
-        rows = decode_timings(model, list(b.decode_positions), steps=b.decode_steps,
-                              device=b.device)
+        rows = decode_timings(
+            model, list(b.decode_positions), steps=b.decode_steps, device=b.device
+        )
         table = Table(title=f"decoding with {label} caches, batch 1")
         table.add_column("position", justify="right")
         table.add_column("ms / token", justify="right")

@@ -9,14 +9,20 @@ from lmkit.model.embeddings import Embedding
 
 
 def tiny_model() -> DecoderLM:
-    return DecoderLM(20, d_model=16, num_layers=1, num_heads=2,
-                     mixer=functools.partial(SoftmaxAttention, num_heads=2),
-                     embedding=functools.partial(Embedding, positional="rope"))
+    return DecoderLM(
+        20,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        mixer=functools.partial(SoftmaxAttention, num_heads=2),
+        embedding=functools.partial(Embedding, positional="rope"),
+    )
 
 
 def test_train_step_timings():
-    figures = train_step_timings(tiny_model(), batch_size=2, block_size=8, steps=2, warmup=1,
-                                 precision="bf16-mixed")
+    figures = train_step_timings(
+        tiny_model(), batch_size=2, block_size=8, steps=2, warmup=1, precision="bf16-mixed"
+    )
     assert figures["ms_per_step"] > 0 and figures["tokens_per_s"] > 0
 
 

@@ -118,8 +118,7 @@ class _TiledAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.causal, ctx.scale,
-                                   ctx.tile_size)
+            dq, dk, dv = _backward(q, k, v, o, lse, do, dlse, ctx.causal, ctx.scale, ctx.tile_size)
         return dq, dk, dv, None, None, None
 
 

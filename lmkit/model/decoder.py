@@ -24,7 +24,8 @@ class DecoderLM(nn.Module):
     """Decoder-only language model whose sequence mixer, MLP and embedding come from the config.
 
     `mixer`, `mlp` and `embedding` are partials (Hydra `_partial_: true`) completed here, one mixer
-    per layer. A mixer that brings its own channel mixing (GAU, Mamba) runs with `mlp=None`.
+    per block. A mixer that brings its own channel mixing (GAU, Mamba) runs with `mlp=None` and
+    `layer_multiplier=2`: two of its blocks per layer hold about a Transformer layer's parameters.
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class DecoderLM(nn.Module):
         d_model: int = 128,
         num_layers: int = 4,
         num_heads: int = 4,
+        layer_multiplier: int = 1,
         norm: str = "layernorm",
         tie_weights: bool = True,
         dropout: float = 0.0,
@@ -47,6 +49,7 @@ class DecoderLM(nn.Module):
             ("d_model", d_model),
             ("num_layers", num_layers),
             ("num_heads", num_heads),
+            ("layer_multiplier", layer_multiplier),
         ):
             if value < 1:
                 raise ValueError(f"model.{name}={value} must be >= 1")
@@ -55,7 +58,9 @@ class DecoderLM(nn.Module):
                 f"model.d_model={d_model} must be divisible by "
                 f"model.num_heads={num_heads}; change one of them"
             )
-        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
+        num_blocks = num_layers * layer_multiplier
+        # num_layers counts blocks from here on: caches, init scaling and reports go by blocks.
+        self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_blocks
         self.num_heads, self.tie_weights = num_heads, tie_weights
         self.embedding = embedding(vocab_size, d_model)
         mixer_extra = {}
@@ -72,14 +77,14 @@ class DecoderLM(nn.Module):
                 norm=norm,
                 dropout=dropout,
             )
-            for i in range(num_layers)
+            for i in range(num_blocks)
         )
         self.final_norm = build_norm(norm, d_model)
         self.head = LMHead(d_model, vocab_size)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_PROJECTIONS)):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_layers))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_blocks))
         if tie_weights:
             self.head.proj.weight = self.embedding.token.weight
 

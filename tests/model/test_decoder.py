@@ -115,3 +115,18 @@ def test_bad_sizes_are_refused():
         )
     with pytest.raises(ValueError, match="max_len"):
         make_model(max_len=8)(torch.randint(0, V, (1, 9)))
+
+
+def test_layer_multiplier_builds_more_blocks_without_mlp():
+    model = DecoderLM(
+        V,
+        d_model=D,
+        num_layers=2,
+        num_heads=H,
+        layer_multiplier=2,
+        mlp=None,
+        mixer=functools.partial(SoftmaxAttention, num_heads=H),
+    )
+    assert len(model.blocks) == 4 and model.num_layers == 4
+    assert all(b.mlp is None and b.mlp_norm is None for b in model.blocks)
+    assert len(model.init_caches(1, 8)) == 4
