@@ -29,7 +29,9 @@ def bench(cfg: DictConfig) -> None:
     console, b = Console(), cfg.bench
     precision = cfg.trainer.precision
     mixer = cfg.model.mixer._target_.rsplit(".", 1)[1]
-    label = f"{mixer} {dict(cfg.model.mixer).get('backend', '')}".strip()
+    options = dict(cfg.model.mixer)
+    label = " ".join([mixer, *(str(options[k]) for k in ("backend", "mode", "pattern", "scan")
+                               if k in options)])
     if "train" in b.what:
         model = build_model(cfg, vocab_size=65)
         figures = train_step_timings(

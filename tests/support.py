@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +40,9 @@ def compose_config(
         args.append(f"run_dir={run_dir}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=args)
+
+
+def uses_rotary(mixer: str) -> bool:
+    """Whether a mixer config takes rotary positions (mixers without q/k, like Mamba, do not)."""
+    cfg = compose_config(f"model/mixer={mixer}", run_dir="/tmp/unused")
+    return "rotary" in inspect.signature(instantiate(cfg.model.mixer).func).parameters

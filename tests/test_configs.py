@@ -3,7 +3,7 @@ import sys
 
 import pytest
 import torch
-from support import CONF, REPO, compose_config
+from support import CONF, REPO, compose_config, uses_rotary
 
 from lmkit.training import build_model, check_model_config
 
@@ -23,6 +23,10 @@ def test_every_experiment_composes_and_builds(experiment):
 @pytest.mark.parametrize("embedding", EMBEDDINGS)
 def test_every_mixer_and_embedding_builds(mixer, embedding):
     cfg = compose_config(f"model/mixer={mixer}", f"model/embedding={embedding}", "run_dir=/tmp/x")
+    if embedding == "rope" and not uses_rotary(mixer):  # no q/k to rotate: a clear error
+        with pytest.raises(ValueError, match="model/embedding=rope rotates attention queries"):
+            build_model(cfg, vocab_size=11)
+        return
     model = build_model(cfg, vocab_size=11)
     assert model(torch.randint(0, 11, (2, 9))).shape == (2, 9, 11)
 

@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 from hydra.utils import instantiate
-from support import CONF, compose_config
+from support import CONF, compose_config, uses_rotary
 
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -22,8 +22,9 @@ def make_mixer(name: str, **extra) -> torch.nn.Module:
         "run_dir=/tmp/x",
     )
     factory = instantiate(cfg.model.mixer)
-    if "tile_size" in cfg.model.mixer:  # small tiles so T=19 crosses tile boundaries
-        factory = functools.partial(factory, tile_size=8)
+    for option in ("tile_size", "chunk_size"):  # small tiles/chunks: T=19 crosses boundaries
+        if cfg.model.mixer.get(option) is not None:
+            factory = functools.partial(factory, **{option: 8})
     return factory(D, layer_idx=0, **extra)
 
 
@@ -57,6 +58,8 @@ def test_every_parameter_gets_a_gradient(mixer):
 @pytest.mark.parametrize("rope", [False, True], ids=["no-rope", "rope"])
 def test_cache_equals_parallel(request, rope):
     for name in MIXERS:
+        if rope and not uses_rotary(name):
+            continue
         torch.manual_seed(0)
         extra = {"rotary": RotaryEmbedding(D // H)} if rope else {}
         mixer = make_mixer(name, **extra).eval()

@@ -1,0 +1,79 @@
+"""Training callbacks: stop cleanly on SIGTERM/SIGINT, refuse to train on a diverged loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradients became non-finite; the weights were not updated with them."""
+
+
+class GracefulStop(L.Callback):
+    """On SIGTERM (cluster preemption) or SIGINT (Ctrl+C), finish the current step, write
+    `last.ckpt` and stop, so that `resume=true` continues the exact run.
+
+    The signal only sets a flag: the checkpoint is taken at a step boundary, where optimizer,
+    scheduler, data order and step counter are consistent. Under DDP the ranks agree on stopping.
+    """
+
+    def __init__(self, checkpoint_path: str | Path) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.requested: int | None = None  # the signal received, if any
+        self.stopped_at: int | None = None  # the global step of the checkpoint written
+        self._previous: dict[int, object] = {}
+
+    def _request(self, signum: int, frame) -> None:
+        self.requested = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning's own handlers (registered when fit starts), so ours take the signals.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._request)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        if stop and self.stopped_at is None:
+            trainer.save_checkpoint(self.checkpoint_path)
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+            log.warning("received %s: saved %s at step %d and stopped",
+                        signal.Signals(self.requested or signal.SIGTERM).name,
+                        self.checkpoint_path, trainer.global_step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class DivergenceGuard(L.Callback):
+    """Stop with a clear message when the training loss is non-finite (before the backward pass
+    and the update), or when the gradients are non-finite outside 16-mixed (where the grad
+    scaler skips overflowing steps on its own)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            raise DivergenceError(_message(trainer, f"the training loss is {float(loss)}"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.precision == "16-mixed":
+            return
+        for p in pl_module.parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise DivergenceError(_message(trainer, "a gradient is not finite"))
+
+
+def _message(trainer: L.Trainer, what: str) -> str:
+    return (f"training diverged at step {trainer.global_step}: {what}. The weights were not "
+            f"updated with it; checkpoints saved before this step are intact. Lower "
+            f"optim.optimizer.lr, raise optim.warmup_steps or use trainer.precision=32-true")
