@@ -30,7 +30,7 @@ def bench(cfg: DictConfig) -> None:
     precision = cfg.trainer.precision
     mixer = cfg.model.mixer._target_.rsplit(".", 1)[1]
     options = dict(cfg.model.mixer)
-    label = " ".join([mixer, *(str(options[k]) for k in ("backend", "mode", "pattern", "scan")
+    label = " ".join([mixer, *(f"{k}={options[k]}" for k in ("backend", "mode", "pattern", "scan", "chunk_size")
                                if k in options)])
     if "train" in b.what:
         model = build_model(cfg, vocab_size=65)
