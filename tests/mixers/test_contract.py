@@ -22,9 +22,10 @@ def make_mixer(name: str, **extra) -> torch.nn.Module:
         "run_dir=/tmp/x",
     )
     factory = instantiate(cfg.model.mixer)
-    for option in ("tile_size", "chunk_size"):  # small tiles/chunks: T=19 crosses boundaries
+    # Small tiles, chunks, windows and blocks, so that T=19 crosses their boundaries.
+    for option, size in (("tile_size", 8), ("chunk_size", 8), ("window", 8), ("block_size", 4)):
         if cfg.model.mixer.get(option) is not None:
-            factory = functools.partial(factory, **{option: 8})
+            factory = functools.partial(factory, **{option: size})
     return factory(D, layer_idx=0, **extra)
 
 
