@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmkit.data.datamodule import TextDataModule
 from lmkit.model.decoder import DecoderLM
+from lmkit.ngram import baseline_metrics, check_baseline_config
 from lmkit.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,18 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _baseline_enabled(cfg: DictConfig) -> bool:
+    return bool(cfg.get("ngram") and cfg.ngram.get("enabled", False))
+
+
 def train(cfg: DictConfig) -> dict:
     """Train the model of cfg, evaluate it on val (and test), write results.json; return it."""
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
+    if _baseline_enabled(cfg):
+        check_baseline_config(cfg.ngram.order, cfg.ngram.discount)  # not after a long run
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, loggers=loggers)
@@ -194,6 +201,17 @@ def train(cfg: DictConfig) -> dict:
             "config": extras["config"],
         }
     )
+    if trainer.is_global_zero and _baseline_enabled(cfg):
+        # after wall_s: the baseline is cached per data, tokenizer and order across runs
+        baseline = baseline_metrics(datamodule, cfg.ngram.order, cfg.ngram.discount)
+        splits = [s for s in ("val", "test") if s in baseline]
+        log.info(
+            "n-gram baseline (KN%d): %s",
+            baseline["order"],
+            ", ".join(f"{s} ppl {baseline[s]['ppl']:.2f}" for s in splits),
+        )
+        results["baseline"] = baseline
+        results["config"] = results.pop("config")  # the config stays last
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     for logger in loggers:

@@ -15,15 +15,26 @@ from lmkit.cli import run_cli
 from lmkit.training import train
 
 
+def fmt(value: float | int | str) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}" if value < 100 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else value
+
+
 def print_summary(results: dict) -> None:
+    """The flat results, with the n-gram baseline's val/test loss, ppl and bpb beside them."""
+    baseline = results.get("baseline") or {}
     table = Table(title="results")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if baseline:
+        table.add_column(f"KN{baseline['order']} baseline", justify="right")
     for key, value in results.items():
-        if isinstance(value, float):
-            table.add_row(key, f"{value:,.4f}" if value < 100 else f"{value:,.0f}")
-        elif isinstance(value, int | str):
-            table.add_row(key, f"{value:,}" if isinstance(value, int) else value)
+        if isinstance(value, float | int | str):
+            split, _, metric = key.partition("_")
+            same = (baseline.get(split) or {}).get(metric) if baseline else None
+            extra = [fmt(same) if same is not None else ""] if baseline else []
+            table.add_row(key, fmt(value), *extra)
     Console().print(table)
 
 

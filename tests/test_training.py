@@ -52,6 +52,13 @@ def test_results_json_has_val_and_test_metrics(small_run):
     assert on_disk["config"]["tokenizer"]["kind"] == "bpe"
     # byte-level BPE tokens hold several bytes: bits per byte < bits per token
     assert results["val_bpb"] < results["val_loss"] / 0.6931
+    # the n-gram baseline on the same splits, through the same summary names
+    baseline = on_disk["baseline"]
+    assert baseline["order"] == cfg.ngram.order and baseline["discount"] == cfg.ngram.discount
+    for split in ("val", "test"):
+        assert 1 < baseline[split]["ppl"] < float("inf"), baseline[split]
+        assert set(baseline[split]) >= {"loss", "ppl", "bpb"}
+    assert list(on_disk)[-1] == "config"
 
 
 def test_checkpoint_loads_weights_only_and_restores_the_model(small_run):

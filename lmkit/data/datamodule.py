@@ -47,7 +47,8 @@ class TextDataModule(lightning.LightningDataModule):
 
     Give either ``corpus`` ("tinyshakespeare", "wikitext2") or a ``train`` file (plus optional
     ``val``/``test``; without ``val`` the last 10% of train's characters are val). ``tokenizer``
-    is ``{"kind": "char" | "bpe", "vocab_size": int}`` (default char). ``max_steps`` (optimizer
+    is ``{"kind": "char" | "bpe" | "word", "vocab_size": int}`` (default char; vocab_size is
+    for bpe only). ``max_steps`` (optimizer
     steps) sizes the train loader: ``max_steps * accumulate_grad_batches`` batches, unbounded
     when None or -1.
 
@@ -149,13 +150,14 @@ class TextDataModule(lightning.LightningDataModule):
         cache_dir = cache_root() / "tokens" / fingerprint
         meta = _read_meta(cache_dir, fingerprint)
         if meta is None:
-            # Tokens never outnumber characters (char) or bytes (byte-level BPE): an upper bound
-            # that rejects an impossible block_size before any tokenizer is trained.
+            # Tokens never outnumber characters (char, word) or bytes (byte-level BPE): an upper
+            # bound that rejects an impossible block_size before any tokenizer is trained.
             bound = {}
+            per_char = self.tokenizer_kind in ("char", "word")
             for split, source in corpus.splits.items():
                 a, b = source.char_range(len(texts[source.path]))
                 piece = texts[source.path][a:b]
-                bound[split] = len(piece) if self.tokenizer_kind == "char" else len(piece.encode())
+                bound[split] = len(piece) if per_char else len(piece.encode())
             self._check_block_size(bound)
             meta = self._build_cache(corpus, texts, shas, tok, fingerprint, cache_dir)
             self.cache_hit = False

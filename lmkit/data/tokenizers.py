@@ -1,4 +1,4 @@
-"""Character-level and byte-level BPE tokenizers, built with the ``tokenizers`` library.
+"""Character-level, byte-level BPE and word-level tokenizers, built with the ``tokenizers`` library.
 
 - ``char``: one token per character seen in the training text, ids in sorted character order
   (nanoGPT's ``stoi``), so Tiny Shakespeare has the familiar 65 ids. There is no ``<unk>``: a
@@ -9,13 +9,21 @@
   token never spans a line break: encoding line by line gives the same ids as encoding the whole
   text at once, which is what lets the data path tokenize with ``datasets.map`` in batches of
   lines.
+- ``word``: the whitespace-separated words of the training text plus the end of line ``\\n`` as
+  a token of its own; any other word encodes as ``<unk>`` (always in the vocabulary). On
+  WikiText-2 this is the standard word-level setup (PyTorch's word_language_model: 33,278
+  types, ``\\n`` playing ``<eos>``), so perplexities compare with the literature. Ids are in
+  order of decreasing train frequency (ties by the word's code points), ``<unk>`` and ``\\n``
+  first. Decoding joins tokens with single spaces.
 
-Both save as a standard ``tokenizer.json``; the kind is read back from its decoder.
+All save as a standard ``tokenizer.json``; the kind is read back from its decoder (char:
+``Fuse``, bpe: ``ByteLevel``, word: none, which joins tokens with spaces).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,8 +31,10 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-KINDS = ("char", "bpe")
+KINDS = ("char", "bpe", "word")
 _MIN_BPE_VOCAB = 256  # the byte alphabet
+UNK = "<unk>"  # the word tokenizer's token for words not in its vocabulary
+EOL = "\n"  # the word tokenizer's end-of-line token
 
 
 class Tokenizer:
@@ -32,6 +42,11 @@ class Tokenizer:
 
     ``token_bytes[i]`` is the number of UTF-8 bytes token ``i`` stands for; summed over the
     tokens of a text it equals ``len(text.encode())``, which is what bits per byte divide by.
+    For ``word`` the spaces are not in the tokens, so each token counts its UTF-8 bytes plus one
+    byte for the single space that separates it from the next token (``\\n`` counts 2, ``<unk>``
+    6): exact for text spaced like WikiText (``" w1 w2 ... wn \\n"`` per line), otherwise the
+    bytes of the text with every run of spaces made one space and out-of-vocabulary words
+    counted as ``<unk>``.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, kind: str) -> None:
@@ -75,6 +90,8 @@ class Tokenizer:
                     # decode would be lossy for tokens that hold part of a character
                     assert set(token) <= alphabet, f"token {token!r} is not byte-level"
                     sizes[i] = len(token)
+                elif self.kind == "word":
+                    sizes[i] = len(token.encode("utf-8")) + 1  # + its separating space
                 else:
                     sizes[i] = len(token.encode("utf-8"))
             self._token_bytes = sizes
@@ -87,8 +104,11 @@ class Tokenizer:
     @classmethod
     def from_json(cls, s: str) -> Tokenizer:
         tokenizer = tokenizers.Tokenizer.from_str(s)
-        decoder = json.loads(s).get("decoder") or {}
+        spec = json.loads(s)
+        decoder = spec.get("decoder") or {}
         kinds = {"Fuse": "char", "ByteLevel": "bpe"}
+        if not decoder and (spec.get("model") or {}).get("type") == "WordLevel":
+            return cls(tokenizer, "word")
         if decoder.get("type") not in kinds:
             raise ValueError(
                 f"tokenizer.json with decoder {decoder.get('type')!r} was not made by lmkit; "
@@ -124,9 +144,9 @@ def check_tokenizer_config(kind: str, vocab_size: int | None) -> None:
     """Raise ValueError (one sentence) for an unusable tokenizer configuration."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer kind={kind!r} is unknown; choose one of {list(KINDS)}")
-    if kind == "char" and vocab_size is not None:
+    if kind in ("char", "word") and vocab_size is not None:
         raise ValueError(
-            f"tokenizer kind='char' takes its vocabulary from the train text, so "
+            f"tokenizer kind={kind!r} takes its vocabulary from the train text, so "
             f"vocab_size={vocab_size} cannot be honoured; remove vocab_size or use kind='bpe'"
         )
     if kind == "bpe" and (not isinstance(vocab_size, int) or vocab_size < _MIN_BPE_VOCAB):
@@ -139,10 +159,11 @@ def check_tokenizer_config(kind: str, vocab_size: int | None) -> None:
 def train_tokenizer(
     kind: str, texts: str | Iterable[str], *, vocab_size: int | None = None
 ) -> Tokenizer:
-    """Train a ``char`` or ``bpe`` tokenizer on a text or an iterable of texts (e.g. lines).
+    """Train a ``char``, ``bpe`` or ``word`` tokenizer on a text or an iterable of texts (e.g.
+    lines).
 
     ``vocab_size`` is the BPE target (the result is smaller when the text has fewer merges to
-    learn); ``char`` takes no vocab_size. Training is deterministic.
+    learn); ``char`` and ``word`` take no vocab_size. Training is deterministic.
     """
     check_tokenizer_config(kind, vocab_size)
     if isinstance(texts, str):
@@ -161,6 +182,8 @@ def train_tokenizer(
         )
         tokenizer.decoder = decoders.Fuse()  # concatenate, no spaces between tokens
         return Tokenizer(tokenizer, "char")
+    if kind == "word":
+        return _train_word(texts)
 
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -179,3 +202,31 @@ def train_tokenizer(
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(tokenizer, "bpe")
+
+
+def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    # drop runs of whitespace other than newlines, then make every newline its own token
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(EOL, behavior="isolated"),
+        ]
+    )
+
+
+def _train_word(texts: Iterable[str]) -> Tokenizer:
+    pre_tokenizer = _word_pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        # the tokenizer's own pre-tokenizer, so training and encoding split words the same way
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
+    if not counts:
+        raise ValueError("cannot train a word tokenizer on text without words; give non-empty text")
+    counts.pop(UNK, None)
+    counts.pop(EOL, None)
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = {w: i for i, w in enumerate([UNK, EOL, *words])}
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    # no decoder: decoding joins the tokens with single spaces
+    return Tokenizer(tokenizer, "word")

@@ -322,7 +322,7 @@ def test_block_size_checked_on_bpe_tokens(write_file):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"tokenizer": {"kind": "word"}}, r"tokenizer kind='word' is unknown; choose one of"),
+        ({"tokenizer": {"kind": "unigram"}}, r"tokenizer kind='unigram' is unknown; choose one of"),
         ({"tokenizer": {"kind": "bpe", "vocab": 10}}, r"tokenizer options \['vocab'\] are unknown"),
         ({"tokenizer": {"kind": "bpe"}}, r"needs an integer vocab_size >= 256"),
         ({"block_size": 0}, r"block_size=0 must be a positive integer"),

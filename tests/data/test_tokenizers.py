@@ -139,9 +139,9 @@ def test_save_load_round_trip(tmp_path, kind, bpe, shakespeare_tokenizer):
 
 def test_config_errors():
     with pytest.raises(
-        ValueError, match=r"kind='word' is unknown; choose one of \['char', 'bpe'\]"
+        ValueError, match=r"kind='unigram' is unknown; choose one of \['char', 'bpe', 'word'\]"
     ):
-        train_tokenizer("word", "text")
+        train_tokenizer("unigram", "text")
     with pytest.raises(ValueError, match=r"needs an integer vocab_size >= 256.*vocab_size=100"):
         train_tokenizer("bpe", "text", vocab_size=100)
     with pytest.raises(ValueError, match=r"needs an integer vocab_size"):
