@@ -30,8 +30,8 @@ def bench(cfg: DictConfig) -> None:
     precision = cfg.trainer.precision
     mixer = cfg.model.mixer._target_.rsplit(".", 1)[1]
     options = dict(cfg.model.mixer)
-    label = " ".join([mixer, *(f"{k}={options[k]}" for k in ("backend", "mode", "pattern", "scan", "chunk_size")
-                               if k in options)])
+    shown = ("backend", "mode", "pattern", "scan", "chunk_size", "window")
+    label = " ".join([mixer, *(f"{k}={options[k]}" for k in shown if k in options)])
     if "train" in b.what:
         model = build_model(cfg, vocab_size=65)
         figures = train_step_timings(

@@ -22,6 +22,7 @@ TINY = [
     "trainer.max_steps=20",
     "trainer.val_check_interval=10",
     "trainer.limit_val_batches=4",
+    "trainer.limit_test_batches=4",
     "trainer.precision=32-true",
     "trainer.accelerator=cpu",
     "trainer.log_every_n_steps=5",
