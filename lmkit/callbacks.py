@@ -42,12 +42,15 @@ class GracefulStop(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         if stop and self.stopped_at is None:
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
-            log.warning("received %s: saved %s at step %d and stopped",
-                        signal.Signals(self.requested or signal.SIGTERM).name,
-                        self.checkpoint_path, trainer.global_step)
+            log.warning(
+                "received %s: saved %s at step %d and stopped",
+                signal.Signals(self.requested or signal.SIGTERM).name,
+                self.checkpoint_path,
+                trainer.global_step,
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for sig, handler in self._previous.items():
@@ -74,6 +77,8 @@ class DivergenceGuard(L.Callback):
 
 
 def _message(trainer: L.Trainer, what: str) -> str:
-    return (f"training diverged at step {trainer.global_step}: {what}. The weights were not "
-            f"updated with it; checkpoints saved before this step are intact. Lower "
-            f"optim.optimizer.lr, raise optim.warmup_steps or use trainer.precision=32-true")
+    return (
+        f"training diverged at step {trainer.global_step}: {what}. The weights were not "
+        f"updated with it; checkpoints saved before this step are intact. Lower "
+        f"optim.optimizer.lr, raise optim.warmup_steps or use trainer.precision=32-true"
+    )

@@ -10,8 +10,17 @@ from typing import Any
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from lmkit.callbacks import DivergenceError
+
 # Errors that mean "the input is wrong", not "lmkit is broken": shown as one line, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, InstantiationException)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    InstantiationException,
+    DivergenceError,
+)
 
 
 def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

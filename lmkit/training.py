@@ -19,6 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lmkit.callbacks import DivergenceGuard, GracefulStop
+from lmkit.checkpoint import AtomicCheckpointIO, resume_checkpoint
 from lmkit.data.datamodule import TextDataModule
 from lmkit.model.decoder import DecoderLM
 from lmkit.ngram import baseline_metrics, check_baseline_config
@@ -83,11 +85,13 @@ def wandb_mode(requested: str) -> str:
         return "offline"
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+def build_loggers(cfg: DictConfig, run_dir: Path, *, resumed_step: int = 0) -> list[Logger]:
     """CSV metrics (run_dir/metrics.csv) always; wandb when cfg.logger.wandb."""
     # Hydra's own files share the run dir; the CSV logger only replaces its metrics.csv.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
-    loggers: list[Logger] = [CSVLogger(run_dir, name="", version="")]
+    # A resumed run writes its metrics beside the first attempt's instead of replacing them.
+    version = f"resumed_from_step{resumed_step}" if resumed_step else ""
+    loggers: list[Logger] = [CSVLogger(run_dir, name="", version=version)]
     if cfg.logger.get("wandb", False):
         mode = wandb_mode(cfg.logger.get("mode", "auto"))
         loggers.append(
@@ -117,12 +121,15 @@ def build_trainer(
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),
         RichProgressBar(),
+        GracefulStop(run_dir / "checkpoints" / "last.ckpt"),
+        DivergenceGuard(),
     ]
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
         **overrides,
     )
 
@@ -157,10 +164,12 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
+    # The checkpoint to continue: it exists, is lmkit's and holds the same model and data.
+    ckpt_path, resumed_step = resume_checkpoint(cfg, run_dir)
     if _baseline_enabled(cfg):
         check_baseline_config(cfg.ngram.order, cfg.ngram.discount)  # not after a long run
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, resumed_step=resumed_step)
     trainer = build_trainer(cfg, run_dir, loggers=loggers)
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
@@ -177,8 +186,16 @@ def train(cfg: DictConfig) -> dict:
     )
 
     # weights_only: a resumed checkpoint is read without unpickling code.
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
+    stopper = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
+    if stopper.stopped_at is not None:  # SIGTERM/SIGINT: checkpointed, no final evaluation
+        log.warning(
+            "stopped at step %d; continue with resume=true hydra.run.dir=%s",
+            stopper.stopped_at,
+            run_dir,
+        )
+        return {"interrupted_at_step": stopper.stopped_at, "checkpoint": str(last)}
     # The final weights and full training state, whatever the validation schedule was.
     trainer.save_checkpoint(last, weights_only=False)
 
@@ -189,6 +206,9 @@ def train(cfg: DictConfig) -> dict:
             results.update(
                 {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb")}
             )
+    if trainer.world_size > 1 and "val_loss" in results:  # every rank must agree (DDP)
+        per_rank = trainer.strategy.all_gather(torch.tensor(results["val_loss"]))
+        results["val_loss_per_rank"] = per_rank.flatten().tolist()
     steady = task.step_times[min(10, len(task.step_times) // 2) :] or task.step_times
     tokens_per_step = cfg.data.batch_size * cfg.data.block_size * trainer.world_size
     results.update(
