@@ -134,6 +134,18 @@ def build_trainer(
     )
 
 
+def check_precision(precision: str, accelerator: str) -> None:
+    """Refuse a precision the device cannot run instead of silently changing the numerics."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if precision in ("16-mixed", "16-true") and not on_gpu:
+        raise ValueError(
+            f"trainer.precision={precision} needs a CUDA GPU (fp16 autocast with loss "
+            f"scaling); on CPU use bf16-mixed or 32-true"
+        )
+    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed")
+
+
 def check_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +176,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
+    check_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     # The checkpoint to continue: it exists, is lmkit's and holds the same model and data.
     ckpt_path, resumed_step = resume_checkpoint(cfg, run_dir)
     if _baseline_enabled(cfg):

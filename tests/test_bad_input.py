@@ -94,3 +94,36 @@ def test_cli_user_error_is_one_line_with_exit_status_2(tmp_path):
     ]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_precision_the_device_cannot_run(tiny_config):
+    assert_refused(
+        tiny_config("trainer.precision=16-mixed"),
+        ValueError,
+        "trainer.precision=16-mixed needs a CUDA GPU",
+    )
+
+
+def test_unknown_precision(tiny_config):
+    assert_refused(tiny_config("trainer.precision=8-true"), Exception, "8-true")
+
+
+def test_run_dir_that_is_not_writable(tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run dir should go")
+    cfg = tiny_config()
+    cfg.run_dir = str(blocker / "run")
+    assert_refused(cfg, PermissionError, "is not writable")
+
+
+def test_missing_data_root(tiny_config, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMKIT_DATA_DIR", str(tmp_path / "nowhere"))
+    assert_refused(
+        tiny_config(), FileNotFoundError, "LMKIT_DATA_DIR=.* is not an existing directory"
+    )
+
+
+def test_checkpoint_path_that_does_not_exist(tiny_config, tmp_path):
+    assert_refused(
+        tiny_config(f"ckpt_path={tmp_path}/nope.ckpt"), FileNotFoundError, "does not exist"
+    )
