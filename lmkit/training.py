@@ -109,14 +109,23 @@ def build_loggers(cfg: DictConfig, run_dir: Path, *, resumed_step: int = 0) -> l
 def build_trainer(
     cfg: DictConfig, run_dir: Path, *, loggers: list[Logger] | None = None, **overrides
 ) -> L.Trainer:
+    checkpoints = run_dir / "checkpoints"
     callbacks = [
+        # the best by val/loss (saved when validation runs)
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step{step}",
+            dirpath=checkpoints,
+            filename="best-step{step}",
             auto_insert_metric_name=False,
             monitor="val/loss",
             mode="min",
             save_top_k=cfg.checkpoint.save_top_k,
+        ),
+        # last.ckpt, unconditionally: at every validation and every_n_train_steps (a monitored
+        # checkpoint would wait for the first validation)
+        ModelCheckpoint(
+            dirpath=checkpoints,
+            monitor=None,
+            save_top_k=0,
             save_last=True,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),

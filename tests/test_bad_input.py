@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from support import REPO
 
 from lmkit.training import train
@@ -127,3 +128,21 @@ def test_checkpoint_path_that_does_not_exist(tiny_config, tmp_path):
     assert_refused(
         tiny_config(f"ckpt_path={tmp_path}/nope.ckpt"), FileNotFoundError, "does not exist"
     )
+
+
+def test_divergence_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_config):
+    from lmkit.callbacks import DivergenceError
+
+    cfg = tiny_config(
+        "optim.optimizer.lr=1e30",
+        "optim.warmup_steps=0",
+        "trainer.gradient_clip_val=null",
+        "checkpoint.every_n_train_steps=1",
+    )
+    with pytest.raises(DivergenceError, match=r"training diverged at step \d+"):
+        train(cfg)
+    last = os.path.join(cfg.run_dir, "checkpoints", "last.ckpt")
+    from lmkit.checkpoint import load_checkpoint
+
+    state = load_checkpoint(last)["state_dict"]  # intact and loadable
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
