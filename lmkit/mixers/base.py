@@ -50,6 +50,13 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
 
+def check_heads(d_model: int, num_heads: int) -> int:
+    """The head width d_model // num_heads; a clear error when the heads do not divide it."""
+    if num_heads < 1 or d_model % num_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    return d_model // num_heads
+
+
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
     """[B, T, H * Dh] -> [B, H, T, Dh]."""
     B, T, _ = x.shape

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Mixer, merge_heads, split_heads
+from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.feature_maps import FEATURE_MAPS
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -126,8 +126,7 @@ class LinearAttention(Mixer):
         layer_idx: int | None = None,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        check_heads(d_model, num_heads)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={feature_map!r}; choose one of {sorted(FEATURE_MAPS)}")
         if chunk_size < 1:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Mixer, merge_heads, split_heads
+from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.tiled_attention import tiled_attention
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -66,8 +66,7 @@ class SoftmaxAttention(Mixer):
         layer_idx: int | None = None,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        if num_heads < 1 or d_model % num_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        check_heads(d_model, num_heads)
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; choose one of {list(BACKENDS)}")
         if tile_size < 1:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Mixer, merge_heads, split_heads
+from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.block_sparse import KeySet, gather_attention, sparse_attention
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -326,8 +326,7 @@ class SparseAttention(Mixer):
 
 
 def _validate(d_model, num_heads, pattern, window, stride, summary, combine, block_size) -> None:
-    if num_heads < 1 or d_model % num_heads:
-        raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    check_heads(d_model, num_heads)
     if pattern not in PATTERNS:
         raise ValueError(f"pattern={pattern!r}; choose one of {list(PATTERNS)}")
     if combine not in COMBINES:

@@ -48,8 +48,8 @@ def reference(m: GAU, x: torch.Tensor) -> torch.Tensor:
     return (u * torch.stack(rows, 1)) @ m.out_proj.weight.T
 
 
-def close(a, b):
-    """fp32 1e-5 relative to the largest value (ALGORITHMS.md notation)."""
+def assert_close_fp32(a, b):
+    """Assert a == b to fp32 1e-5 relative to the largest value (ALGORITHMS.md notation)."""
     torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=0)
 
 
@@ -59,20 +59,20 @@ def test_equals_loop_reference_with_gradients(chunk, rope):
     m = make(chunk, rope)
     x = torch.randn(2, T, D, requires_grad=True)
     y, ref = m(x), reference(m, x)
-    close(y, ref)
+    assert_close_fp32(y, ref)
     assert ref.abs().mean() > 0.1  # a real signal, not near-zero outputs
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), [x, *m.parameters()])
     ref_grads = torch.autograd.grad((ref * w).sum(), [x, *m.parameters()])
     for g, r in zip(grads, ref_grads, strict=True):
-        close(g, r)
+        assert_close_fp32(g, r)
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_single_token(chunk):
     m = make(chunk)
     x = torch.randn(3, 1, D)
-    close(m(x), reference(m, x))
+    assert_close_fp32(m(x), reference(m, x))
 
 
 @pytest.mark.parametrize("chunk", [19, 64])
@@ -83,7 +83,7 @@ def test_one_chunk_equals_quadratic_gau(chunk):
         chunked.out_proj.weight.copy_(quad.out_proj.weight)
         chunked.gamma[:2], chunked.beta[:2] = quad.gamma, quad.beta
     x = torch.randn(2, T, D)
-    close(chunked(x), quad(x))
+    assert_close_fp32(chunked(x), quad(x))
 
 
 @pytest.mark.parametrize("t", [3, 4, 5, 9, 10, 17])
@@ -109,7 +109,7 @@ def test_cache_equals_parallel(chunk, pieces):
         out.append(m(x[:, pos : pos + n], cache))
         pos += n
     assert cache.length == T
-    close(torch.cat(out, 1), m(x))
+    assert_close_fp32(torch.cat(out, 1), m(x))
     if chunk is not None:
         assert cache.folded == (T - 1) // chunk * chunk and cache.v.shape[1] == chunk
 
@@ -121,7 +121,7 @@ def test_chunk_cache_select_and_crop_within_chunk():
     m(x[:, :14], cache)  # chunk [8, 16) is current
     cache.select(torch.tensor([2, 0]))
     cache.crop(9)
-    close(m(x[[2, 0], 9:], cache), full[[2, 0], 9:])
+    assert_close_fp32(m(x[[2, 0], 9:], cache), full[[2, 0], 9:])
     with pytest.raises(ValueError, match="start of its current chunk \\(16\\)"):
         cache.crop(12)
     with pytest.raises(ValueError, match="cannot crop to length=20"):
@@ -133,7 +133,7 @@ def test_quadratic_cache_crop_and_overflow():
     cache = m.init_cache(1, T)
     m(x[:, :15], cache)
     cache.crop(10)
-    close(m(x[:, 10:], cache), m(x)[:, 10:])
+    assert_close_fp32(m(x[:, 10:], cache), m(x)[:, 10:])
     with pytest.raises(ValueError, match="overflow"):
         m(x[:, :1], cache)
 
