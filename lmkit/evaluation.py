@@ -26,16 +26,28 @@ def nll_sums(logits: Tensor, targets: Tensor, token_bytes: Tensor) -> tuple[Tens
     return nll, scored.sum().double(), nbytes
 
 
-def summarize(nll_sum: float, tokens: float, nbytes: float) -> dict[str, float]:
-    """loss = mean NLL per token (nats), ppl = exp(loss), bpb = NLL / (ln 2 * bytes)."""
+def correct_count(logits: Tensor, targets: Tensor) -> Tensor:
+    """Scored positions whose most likely token is the target (top-1 hits), as float64."""
+    scored = targets != IGNORE_INDEX
+    return (logits.argmax(-1)[scored] == targets[scored]).sum().double()
+
+
+def summarize(
+    nll_sum: float, tokens: float, nbytes: float, correct: float | None = None
+) -> dict[str, float]:
+    """loss = mean NLL per token (nats), ppl = exp(loss), bpb = NLL / (ln 2 * bytes), and
+    acc = top-1 accuracy over the scored tokens when `correct` is given."""
     if tokens <= 0:
         raise ValueError("no tokens were scored; the evaluation split is empty")
     loss = nll_sum / tokens
-    return {
+    metrics = {
         "loss": loss,
         "ppl": math.exp(min(loss, 700.0)),
         "bpb": nll_sum / (math.log(2) * nbytes) if nbytes > 0 else float("nan"),
     }
+    if correct is not None:
+        metrics["acc"] = correct / tokens
+    return metrics
 
 
 def as_tensor(values: list[float] | Tensor) -> Tensor:

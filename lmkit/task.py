@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lmkit.evaluation import nll_sums, summarize, token_nll
+from lmkit.evaluation import IGNORE_INDEX, correct_count, nll_sums, summarize, token_nll
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -81,6 +81,7 @@ class LanguageModelTask(L.LightningModule):
         self.checkpoint_extras = checkpoint_extras or {}
         self._eval_sums: Tensor | None = None
         self._step_start = 0.0
+        self._fit_start: float | None = None
         self.step_times: list[float] = []
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -89,9 +90,14 @@ class LanguageModelTask(L.LightningModule):
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = token_nll(self.model(x), y).mean()
+        # mean over scored targets: every one for text; only the answers for MQAR
+        scored = (y != IGNORE_INDEX).sum().clamp(min=1)
+        loss = token_nll(self.model(x), y).sum() / scored
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -126,18 +132,22 @@ class LanguageModelTask(L.LightningModule):
     # ---- evaluation: sums over the whole split, reduced across ranks -------------------
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
-        sums = torch.stack(nll_sums(self.model(x), y, self.token_bytes))
+        logits = self.model(x)
+        sums = torch.stack([*nll_sums(logits, y, self.token_bytes), correct_count(logits, y)])
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
 
     def _eval_end(self, prefix: str) -> None:
         sums = (
-            self._eval_sums if self._eval_sums is not None else torch.zeros(3, dtype=torch.float64)
+            self._eval_sums if self._eval_sums is not None else torch.zeros(4, dtype=torch.float64)
         )
         sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
         self._eval_sums = None
         metrics = summarize(*sums.tolist())
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", rank_zero_only=False)
+        if prefix == "val" and self._fit_start is not None and self.trainer.state.fn == "fit":
+            # wall time since fit started (this attempt), for loss-against-time curves
+            self.log("val/elapsed_s", time.perf_counter() - self._fit_start, rank_zero_only=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch)

@@ -24,6 +24,7 @@ from lmkit.checkpoint import AtomicCheckpointIO, resume_checkpoint
 from lmkit.data.datamodule import TextDataModule
 from lmkit.model.decoder import DecoderLM
 from lmkit.ngram import baseline_metrics, check_baseline_config
+from lmkit.sweep import sweep_group
 from lmkit.task import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, *, resumed_step: int = 0) -> l
             WandbLogger(
                 project=cfg.logger.project,
                 name=cfg.logger.name,
+                group=cfg.logger.get("group") or sweep_group(),  # one group per sweep
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 config=OmegaConf.to_container(cfg, resolve=True),
@@ -179,6 +181,29 @@ def _baseline_enabled(cfg: DictConfig) -> bool:
     return bool(cfg.get("ngram") and cfg.ngram.get("enabled", False))
 
 
+def write_layer_bench(cfg: DictConfig, path: Path) -> list[dict]:
+    """Time one mixer layer (forward + backward) at each of cfg.bench_seq_lens and write the
+    rows to path as {"layer": [...]}, the bench data of the sweep report's throughput plot."""
+    from functools import partial
+
+    from lmkit.bench import layer_costs
+
+    batch_size = 1
+    precision = str(cfg.trainer.precision)
+    rows = layer_costs(
+        partial(instantiate(cfg.model.mixer), cfg.model.d_model),
+        list(cfg.bench_seq_lens),
+        d_model=cfg.model.d_model,
+        batch_size=batch_size,
+        repeats=3,
+        precision=precision if precision in ("32-true", "bf16-mixed") else "32-true",
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    rows = [{**row, "batch_size": batch_size} for row in rows]
+    path.write_text(json.dumps({"layer": rows}, indent=2))
+    return rows
+
+
 def train(cfg: DictConfig) -> dict:
     """Train the model of cfg, evaluate it on val (and test), write results.json; return it."""
     started = time.perf_counter()
@@ -226,7 +251,7 @@ def train(cfg: DictConfig) -> dict:
         if split in datamodule.split_names:
             metrics = run(task, datamodule=datamodule, verbose=False)[0]
             results.update(
-                {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb")}
+                {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb", "acc")}
             )
     if trainer.world_size > 1 and "val_loss" in results:  # every rank must agree (DDP)
         per_rank = trainer.strategy.all_gather(torch.tensor(results["val_loss"]))
@@ -243,7 +268,11 @@ def train(cfg: DictConfig) -> dict:
             "config": extras["config"],
         }
     )
-    if trainer.is_global_zero and _baseline_enabled(cfg):
+    if trainer.is_global_zero and cfg.get("bench_seq_lens"):
+        write_layer_bench(cfg, run_dir / "bench.json")
+    if trainer.is_global_zero and _baseline_enabled(cfg) and not datamodule.ngram_baseline:
+        log.info("n-gram baseline: not applicable to %s", type(datamodule).__name__)
+    elif trainer.is_global_zero and _baseline_enabled(cfg):
         # after wall_s: the baseline is cached per data, tokenizer and order across runs
         baseline = baseline_metrics(datamodule, cfg.ngram.order, cfg.ngram.discount)
         splits = [s for s in ("val", "test") if s in baseline]

@@ -9,9 +9,14 @@ random tokens of the config's batch and block size, and the process's peak memor
 layer: forward+backward ms and peak memory of one mixer layer (d_model of the config) per T.
 decode: ms per generated token with the caches filled to each of bench.decode_positions
 (positional tables are sized to fit; use model/embedding=rope or none for unbounded models).
+
+bench.save=path/bench.json also writes the figures as JSON; a bench.json inside a sweep's job
+folder feeds the throughput plot of scripts/compare.py.
 """
 
 import functools
+import json
+from pathlib import Path
 
 import hydra
 import torch
@@ -27,6 +32,7 @@ from lmkit.training import build_model, peak_memory_mb
 
 def bench(cfg: DictConfig) -> None:
     console, b = Console(), cfg.bench
+    saved: dict = {}
     precision = cfg.trainer.precision
     mixer = cfg.model.mixer._target_.rsplit(".", 1)[1]
     options = dict(cfg.model.mixer)
@@ -43,6 +49,7 @@ def bench(cfg: DictConfig) -> None:
             precision=precision,
             device=b.device,
         )
+        saved["train"] = {**figures, "peak_mb": peak_memory_mb(), "params": model.num_params()}
         console.print(
             f"[bold]train step[/] {label}, {model.num_params():,} params, "
             f"B={cfg.data.batch_size} T={cfg.data.block_size} {precision}: "
@@ -61,6 +68,7 @@ def bench(cfg: DictConfig) -> None:
             precision=precision,
             device=b.device,
         )
+        saved["layer"] = [{**r, "batch_size": b.layer_batch_size} for r in rows]
         table = Table(
             title=f"one {label} layer, d_model={cfg.model.d_model}, forward+backward, {precision}"
         )
@@ -88,6 +96,11 @@ def bench(cfg: DictConfig) -> None:
         for r in rows:
             table.add_row(str(r["position"]), f"{r['ms_per_token']:.2f}")
         console.print(table)
+        saved["decode"] = rows
+    if b.get("save"):
+        Path(b.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(b.save).write_text(json.dumps({"label": label, **saved}, indent=2))
+        console.print(f"written: {b.save}")
 
 
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")

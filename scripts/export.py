@@ -1,6 +1,6 @@
 """Export a checkpoint's weights to safetensors (config and tokenizer in the metadata).
 
-  python scripts/export.py ckpt=outputs/.../checkpoints/last.ckpt out=model.safetensors
+python scripts/export.py ckpt=outputs/.../checkpoints/last.ckpt out=model.safetensors
 """
 
 from lmkit.checkpoint import export_safetensors

@@ -4,7 +4,13 @@ Examples:
   python scripts/train.py experiment=shakespeare_char_cpu
   python scripts/train.py model/mixer=flash trainer.max_steps=500 data.block_size=128
   python scripts/train.py -m model/mixer=softmax,flash
+  python scripts/train.py -m experiment=mixer_sweep     # every mixer, then report.md + plots
+
+In a multirun (-m) a failing job writes error.json into its folder and the sweep goes on; the
+report written at the end (scripts/compare.py) lists it with its error.
 """
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -12,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmkit.cli import run_cli
+from lmkit.sweep import is_multirun, run_sweep_job
 from lmkit.training import train
 
 
@@ -40,7 +47,12 @@ def print_summary(results: dict) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    results = run_cli(train, cfg)
+    if is_multirun():
+        results = run_sweep_job(train, cfg, Path(cfg.run_dir))
+        if results is None:
+            return None  # recorded in error.json; an Optuna trial counts it as failed
+    else:
+        results = run_cli(train, cfg)
     print_summary(results)
     return results.get("val_loss")  # the value a Hydra sweeper would optimise
 

@@ -42,7 +42,58 @@ _ENCODE_BATCH_LINES = 1000
 _UNBOUNDED_STEPS = 2**40  # the train loader's length when max_steps is not given
 
 
-class TextDataModule(lightning.LightningDataModule):
+class StepIndexedTraining:
+    """Resumable training order for data modules whose train batch ``s`` is a pure function of
+    (seed, s, rank): the state is the number of train batches consumed, stored in checkpoints."""
+
+    seed: int
+    start_step: int = 0
+    trainer: Any
+    ngram_baseline = True  # the data is a token stream an n-gram model can be fit on
+
+    def set_start_step(self, step: int) -> None:
+        """Make the next train loader start at train batch ``step`` (0 = the beginning)."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        self.start_step = int(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The train batches consumed so far: Lightning stores this in every checkpoint."""
+        return {"step": self._consumed_batches(), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            log.warning(
+                "resuming with seed=%s but the checkpoint used seed=%s: the data order changes",
+                self.seed,
+                state_dict["seed"],
+            )
+        self.set_start_step(int(state_dict["step"]))
+
+    def _train_rank_and_length(self) -> tuple[int, int]:
+        """This process's rank (part of the batch seed) and the train loader's length in
+        batches: ``max_steps * accumulate_grad_batches``, unbounded without max_steps."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is not None and trainer.world_size > 1 and connector.use_distributed_sampler:
+            raise ValueError(
+                f"{type(self).__name__} gives each rank its own batches, and a distributed "
+                "sampler would reorder its steps; set trainer.use_distributed_sampler=false"
+            )
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        max_steps = getattr(self, "max_steps", None)
+        return rank, (max_steps * accumulate if max_steps else _UNBOUNDED_STEPS)
+
+    def _consumed_batches(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return self.start_step
+        # a checkpoint is taken at an optimizer step boundary
+        return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+
+
+class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
     """Language-modelling data from a named corpus or local text files.
 
     Give either ``corpus`` ("tinyshakespeare", "wikitext2") or a ``train`` file (plus optional
@@ -251,34 +302,6 @@ class TextDataModule(lightning.LightningDataModule):
                 + (" (give data.test=path/to/test.txt for a test split)" if split == "test" else "")
             )
 
-    # ---- resumable training order ------------------------------------------------------
-
-    def set_start_step(self, step: int) -> None:
-        """Make the next train loader start at train batch ``step`` (0 = the beginning)."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        self.start_step = int(step)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The train batches consumed so far: Lightning stores this in every checkpoint."""
-        return {"step": self._consumed_batches(), "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("seed", self.seed) != self.seed:
-            log.warning(
-                "resuming with seed=%s but the checkpoint used seed=%s: the data order changes",
-                self.seed,
-                state_dict["seed"],
-            )
-        self.set_start_step(int(state_dict["step"]))
-
-    def _consumed_batches(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return self.start_step
-        # a checkpoint is taken at an optimizer step boundary
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
-
     # ---- loaders -----------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:
@@ -286,16 +309,7 @@ class TextDataModule(lightning.LightningDataModule):
         ``batch_at(i)``, starting at ``start_step``. Under DDP each rank draws its own windows
         (the rank is part of the seed), so Lightning must not add a distributed sampler."""
         self._prepared()
-        trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if trainer is not None and trainer.world_size > 1 and connector.use_distributed_sampler:
-            raise ValueError(
-                "TextDataModule gives each rank its own windows, and a distributed sampler "
-                "would reorder its steps; set trainer.use_distributed_sampler=false"
-            )
-        rank = int(trainer.global_rank) if trainer is not None else 0
-        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
-        length = self.max_steps * accumulate if self.max_steps else _UNBOUNDED_STEPS
+        rank, length = self._train_rank_and_length()
         dataset = TrainWindows(
             self._token_file("train"), self.block_size, self.batch_size, self.seed, rank, length
         )
@@ -394,7 +408,7 @@ class StepSampler(Sampler[int]):
     """Yields train steps ``start, start + 1, ... , length - 1``; ``start`` is read from the
     datamodule when iteration begins, so a restored ``start_step`` takes effect."""
 
-    def __init__(self, datamodule: TextDataModule, length: int) -> None:
+    def __init__(self, datamodule: StepIndexedTraining, length: int) -> None:
         self.datamodule, self.length = datamodule, length
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable
 
@@ -15,6 +16,8 @@ from lmkit.model.embeddings import Embedding
 from lmkit.model.heads import LMHead
 from lmkit.model.norms import build_norm
 from lmkit.model.rotary import RotaryEmbedding
+
+log = logging.getLogger(__name__)
 
 # Residual projections (the last matrix before a residual add) get GPT-2's 1/sqrt(2L) init scale.
 RESIDUAL_PROJECTIONS = ("out_proj", "down_proj")
@@ -65,10 +68,16 @@ class DecoderLM(nn.Module):
         self.embedding = embedding(vocab_size, d_model)
         mixer_extra = {}
         if self.embedding.positional == "rope":
-            mixer_extra["rotary"] = RotaryEmbedding(
-                d_model // num_heads, base=self.embedding.rope_base
-            )
-            _check_accepts(mixer, "rotary")
+            if _accepts(mixer, "rotary"):
+                mixer_extra["rotary"] = RotaryEmbedding(
+                    d_model // num_heads, base=self.embedding.rope_base
+                )
+            else:  # e.g. Mamba: order comes from its recurrence, as with model/embedding=none
+                log.warning(
+                    "model/embedding=rope: mixer %s has no queries and keys to rotate, so the "
+                    "model gets no positional signal (the same as model/embedding=none)",
+                    getattr(getattr(mixer, "func", mixer), "__name__", mixer),
+                )
         self.blocks = nn.ModuleList(
             Block(
                 d_model,
@@ -175,15 +184,10 @@ class DecoderLM(nn.Module):
         )
 
 
-def _check_accepts(factory: Callable[..., Mixer], option: str) -> None:
-    func = getattr(factory, "func", factory)  # unwrap functools.partial
+def _accepts(factory: Callable[..., Mixer], option: str) -> bool:
+    """Whether the mixer's constructor (behind a functools.partial) takes `option`."""
+    func = getattr(factory, "func", factory)
     try:
-        params = inspect.signature(func).parameters
+        return option in inspect.signature(func).parameters
     except (TypeError, ValueError):
-        return
-    if option not in params:
-        name = getattr(func, "__name__", str(func))
-        raise ValueError(
-            f"model/embedding=rope rotates attention queries and keys, but mixer "
-            f"{name} has none; use model/embedding=learned, sinusoidal or none"
-        )
+        return True
