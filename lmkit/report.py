@@ -184,22 +184,31 @@ def _pyplot():
     return plt
 
 
+def val_curves(run: Run) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(step, val loss) of every validation, and (seconds since training began, val loss) of
+    those during training (the evaluation after fit has no training clock)."""
+    rows = [m for m in run.metrics if "val/loss" in m]
+    by_step = [(m["step"], m["val/loss"]) for m in rows]
+    by_time = [(m["val/elapsed_s"], m["val/loss"]) for m in rows if "val/elapsed_s" in m]
+    return by_step, by_time
+
+
 def plot_val_loss(runs: list[Run], path: Path) -> bool:
     """Val loss against step and against wall time, one line per run, baseline dashed."""
-    curves = [
-        (run, [m for m in run.metrics if "val/loss" in m]) for run in runs if run.status == "ok"
-    ]
-    curves = [(run, rows) for run, rows in curves if rows]
+    curves = [(run, *val_curves(run)) for run in runs if run.status == "ok"]
+    curves = [c for c in curves if c[1]]
     if not curves:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for run, rows in curves:
-        steps = [m["step"] for m in rows]
-        losses = [m["val/loss"] for m in rows]
-        axes[0].plot(steps, losses, marker="o", markersize=3, label=run.label)
-        if all("val/elapsed_s" in m for m in rows):
-            axes[1].plot([m["val/elapsed_s"] for m in rows], losses, marker="o", markersize=3)
+    for run, by_step, by_time in curves:
+        (line,) = axes[0].plot(
+            *zip(*by_step, strict=True), marker="o", markersize=3, label=run.label
+        )
+        if by_time:
+            axes[1].plot(
+                *zip(*by_time, strict=True), marker="o", markersize=3, color=line.get_color()
+            )
     baseline = baseline_of(runs)
     if baseline and "val" in baseline:
         for ax in axes:

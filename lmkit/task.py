@@ -12,6 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from lmkit.evaluation import IGNORE_INDEX, correct_count, nll_sums, summarize, token_nll
+from lmkit.model.heads import medusa_targets
+
+
+def masked_mean_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean NLL over the scored targets (all of them for text; the answers only for MQAR)."""
+    return token_nll(logits, targets).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -60,6 +66,9 @@ class LanguageModelTask(L.LightningModule):
         min_lr: float = 0.0,
         token_bytes: Tensor | None = None,
         checkpoint_extras: dict | None = None,
+        medusa_loss_decay: float = 0.8,
+        medusa_joint: bool = False,
+        medusa_base_lr_scale: float = 0.1,
     ) -> None:
         super().__init__()
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -83,6 +92,10 @@ class LanguageModelTask(L.LightningModule):
         self._step_start = 0.0
         self._fit_start: float | None = None
         self.step_times: list[float] = []
+        # Medusa heads (model.medusa): head k's loss weighs decay^k; joint adds the LM loss
+        self.medusa_loss_decay, self.medusa_joint = medusa_loss_decay, medusa_joint
+        self.medusa_base_lr_scale = medusa_base_lr_scale
+        self._medusa_sums: Tensor | None = None
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -90,10 +103,20 @@ class LanguageModelTask(L.LightningModule):
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        # mean over scored targets: every one for text; only the answers for MQAR
-        scored = (y != IGNORE_INDEX).sum().clamp(min=1)
-        loss = token_nll(self.model(x), y).sum() / scored
-        self.log("train/loss", loss, prog_bar=True)
+        medusa = getattr(self.model, "medusa", None)
+        if medusa is None:
+            loss = masked_mean_nll(self.model(x), y)
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        h = self.model.hidden_states(x)
+        base = masked_mean_nll(self.model.head(h), y)
+        self.log("train/loss", base, prog_bar=True)  # the LM's own loss, as in every run
+        loss = base if self.medusa_joint else base.new_zeros(())
+        for k, logits in enumerate(medusa(h), start=1):
+            head_loss = masked_mean_nll(logits, medusa_targets(y, k))
+            self.log(f"train/medusa{k}_loss", head_loss)
+            loss = loss + self.medusa_loss_decay**k * head_loss
+        self.log("train/medusa_loss", loss, prog_bar=True)
         return loss
 
     def on_fit_start(self) -> None:
@@ -115,7 +138,20 @@ class LanguageModelTask(L.LightningModule):
             self.log("grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(param_groups(self.model, self.weight_decay))
+        groups = param_groups(self.model, self.weight_decay)
+        medusa = getattr(self.model, "medusa", None)
+        if medusa is not None and self.medusa_joint and self.lr:
+            # Medusa-2: the pretrained base moves more slowly than the new heads
+            heads = {id(p) for p in medusa.parameters()}
+            base_lr = self.lr * self.medusa_base_lr_scale
+            groups = [
+                {**g, "params": [p for p in g["params"] if (id(p) in heads) == is_head]}
+                | ({} if is_head else {"lr": base_lr})
+                for is_head in (True, False)
+                for g in groups
+            ]
+            groups = [g for g in groups if g["params"]]
+        optimizer = self.optimizer_factory(groups)
         min_ratio = self.min_lr / self.lr if self.lr else 0.0
         schedule = partial(
             warmup_cosine,
@@ -132,9 +168,18 @@ class LanguageModelTask(L.LightningModule):
     # ---- evaluation: sums over the whole split, reduced across ranks -------------------
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
         x, y = batch
-        logits = self.model(x)
+        h = self.model.hidden_states(x)
+        logits = self.model.head(h)
         sums = torch.stack([*nll_sums(logits, y, self.token_bytes), correct_count(logits, y)])
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
+        medusa = getattr(self.model, "medusa", None)
+        if medusa is not None:  # each head's top-1 hits and scored positions
+            counts = []
+            for k, head_logits in enumerate(medusa(h), start=1):
+                yk = medusa_targets(y, k)
+                counts += [correct_count(head_logits, yk), (yk != IGNORE_INDEX).sum().double()]
+            counts = torch.stack(counts)
+            self._medusa_sums = counts if self._medusa_sums is None else self._medusa_sums + counts
 
     def _eval_end(self, prefix: str) -> None:
         sums = (
@@ -143,6 +188,13 @@ class LanguageModelTask(L.LightningModule):
         sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
         self._eval_sums = None
         metrics = summarize(*sums.tolist())
+        if self._medusa_sums is not None:
+            counts = self.trainer.strategy.reduce(
+                self._medusa_sums.to(self.device), reduce_op="sum"
+            )
+            self._medusa_sums = None
+            for k, (hits, scored) in enumerate(counts.view(-1, 2).tolist(), start=1):
+                metrics[f"medusa{k}_acc"] = hits / max(scored, 1.0)
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", rank_zero_only=False)
         if prefix == "val" and self._fit_start is not None and self.trainer.state.fn == "fit":

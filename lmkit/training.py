@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmkit.callbacks import DivergenceGuard, GracefulStop
 from lmkit.checkpoint import AtomicCheckpointIO, resume_checkpoint
@@ -67,6 +67,9 @@ def build_task(
         min_lr=cfg.optim.min_lr,
         token_bytes=token_bytes,
         checkpoint_extras=extras,
+        medusa_loss_decay=float((cfg.get("medusa") or {}).get("loss_decay", 0.8)),
+        medusa_joint=bool((cfg.get("medusa") or {}).get("joint", False)),
+        medusa_base_lr_scale=float((cfg.get("medusa") or {}).get("base_lr_scale", 0.1)),
     )
 
 
@@ -204,10 +207,45 @@ def write_layer_bench(cfg: DictConfig, path: Path) -> list[dict]:
     return rows
 
 
+def medusa_from_base(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """experiment=medusa: take model, tokenizer and data from cfg.base_ckpt's own config, add
+    cfg.medusa.num_heads heads, and return the base weights to start from."""
+    from lmkit.checkpoint import restore  # here: checkpoint imports this module
+
+    medusa = cfg.get("medusa") or {}
+    num_heads = int(medusa.get("num_heads", 4))
+    if num_heads < 1:
+        raise ValueError(f"medusa.num_heads={num_heads} must be >= 1")
+    base = restore(cfg.base_ckpt)
+    if base.config.model.get("medusa_heads"):
+        raise ValueError(
+            f"base_ckpt={cfg.base_ckpt} already has Medusa heads; give the plain model's checkpoint"
+        )
+    with open_dict(cfg):
+        for section in ("model", "tokenizer", "data"):  # the base run's, so weights and ids fit
+            cfg[section] = base.config[section]
+        cfg.model.medusa_heads = num_heads
+    log.info("Medusa: %d heads on %s (model, tokenizer and data from it)", num_heads, cfg.base_ckpt)
+    return base.model.state_dict()
+
+
+def load_base_weights(model: DecoderLM, state: dict[str, torch.Tensor], *, joint: bool) -> None:
+    """Load the base model's weights, start the heads from its LM head and, unless joint
+    (Medusa-2), freeze everything but the heads (Medusa-1)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("medusa.") for k in missing):
+        raise ValueError(f"base checkpoint does not fit the model: {unexpected or missing}")
+    model.medusa.init_from(model.head)
+    if not joint:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("medusa."))
+
+
 def train(cfg: DictConfig) -> dict:
     """Train the model of cfg, evaluate it on val (and test), write results.json; return it."""
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
+    base_state = medusa_from_base(cfg) if cfg.get("base_ckpt") else None
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
     check_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
@@ -221,6 +259,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
     model = build_model(cfg, datamodule.vocab_size)
+    joint = bool((cfg.get("medusa") or {}).get("joint", False))
+    if base_state is not None:
+        load_base_weights(model, base_state, joint=joint)
     extras = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "tokenizer": datamodule.tokenizer.to_json(),
@@ -252,6 +293,13 @@ def train(cfg: DictConfig) -> dict:
             metrics = run(task, datamodule=datamodule, verbose=False)[0]
             results.update(
                 {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb", "acc")}
+            )
+            results.update(  # each Medusa head's top-1 accuracy
+                {
+                    f"{split}_{k.split('/', 1)[1]}": v
+                    for k, v in metrics.items()
+                    if k.startswith(f"{split}/medusa")
+                }
             )
     if trainer.world_size > 1 and "val_loss" in results:  # every rank must agree (DDP)
         per_rank = trainer.strategy.all_gather(torch.tensor(results["val_loss"]))

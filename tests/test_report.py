@@ -7,7 +7,7 @@ import sys
 import yaml
 from support import REPO
 
-from lmkit.report import collect_runs, write_report
+from lmkit.report import collect_runs, val_curves, write_report
 
 BASELINE = {"order": 5, "val": {"loss": 1.5, "ppl": 4.4817, "bpb": 2.164}}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +26,7 @@ def make_job(folder, mixer, *, results=None, error=None, d_model=64, mqar=False,
         config = {"model": {"d_model": d_model}, "data": {"_target_": target}}
         (folder / "results.json").write_text(json.dumps({**results, "config": config}))
         rows = ["step,train/loss,val/loss,val/elapsed_s", "49,2.5,,", "49,,2.6,5.0"]
-        rows += ["99,2.0,,", "99,,2.1,10.0"]
+        rows += ["99,2.0,,", "99,,2.1,10.0", "100,,2.1,"]  # the last: validate() after fit
         (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
         bench = {
             "layer": [
@@ -97,8 +97,11 @@ def test_runs_are_read_in_job_order_with_metrics(tmp_path):
         make_job(tmp_path / str(i), mixer, results=text_results(2.0, 10))
     runs = collect_runs(tmp_path)
     assert [r.path.name for r in runs] == [str(i) for i in range(11)]
-    assert [m["val/loss"] for m in runs[0].metrics if "val/loss" in m] == [2.6, 2.1]
+    assert [m["val/loss"] for m in runs[0].metrics if "val/loss" in m] == [2.6, 2.1, 2.1]
     assert runs[0].label == "mixer=a"
+    by_step, by_time = val_curves(runs[0])
+    assert by_step == [(49, 2.6), (99, 2.1), (100, 2.1)]
+    assert by_time == [(5.0, 2.6), (10.0, 2.1)]  # the validation after fit has no clock
 
 
 def test_mqar_sweep_plots_accuracy_against_width(tmp_path):

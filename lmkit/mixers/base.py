@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -20,12 +21,36 @@ class Cache(Protocol):
         """Forget everything after the first `length` tokens (or raise if the state cannot)."""
 
 
+@dataclass
+class TreeStep:
+    """A Medusa verification step: N tree nodes continue the cached sequence at once. Node i
+    sits at position `positions[i]` (cache length + depth) and sees the whole cache plus the
+    nodes j with `mask[i, j]` (itself and its ancestors)."""
+
+    positions: Tensor  # [N] absolute positions
+    mask: Tensor  # [N, N] bool
+
+    def attention_mask(self, offset: int) -> Tensor:
+        """[N, offset + N] bool: every node sees the `offset` cached tokens and its ancestors
+        (built once per step and shared by the layers)."""
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached.shape[1] != offset + len(self.mask):
+            seen = torch.ones(len(self.mask), offset, dtype=torch.bool, device=self.mask.device)
+            cached = torch.cat([seen, self.mask], dim=1)
+            self._cached = cached
+        return cached
+
+
 class Mixer(nn.Module):
     """Causal sequence mixer: [B, T, d_model] -> [B, T, d_model].
 
     `forward(x)` is the parallel (training) path. `forward(x, cache)` continues the sequence held in
     `cache` with T >= 1 new tokens and updates the cache; its outputs equal the parallel outputs.
+    Mixers with `supports_tree = True` also take `forward(x, cache, tree=TreeStep)`: the new
+    tokens form a tree (Medusa verification) and their caches can `compact` to one path.
     """
+
+    supports_tree = False
 
     def __init__(self, d_model: int, *, layer_idx: int | None = None) -> None:
         super().__init__()

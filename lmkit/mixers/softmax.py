@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
+from lmkit.mixers.base import Mixer, TreeStep, check_heads, merge_heads, split_heads
 from lmkit.mixers.tiled_attention import tiled_attention
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -37,6 +37,14 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot crop to length={length}; the cache holds {self.length}")
         self.length = length
+
+    def compact(self, start: int, keep: Tensor) -> None:
+        """After a tree step written at [start, length): keep the entries start + keep (one
+        root-to-node path, in order) at [start, start + len(keep)) and drop the rest."""
+        src = start + keep.to(self.k.device)
+        self.k[:, :, start : start + len(keep)] = self.k[:, :, src]
+        self.v[:, :, start : start + len(keep)] = self.v[:, :, src]
+        self.length = start + len(keep)
 
 
 def causal_mask(Tq: int, Tk: int, device: torch.device | None = None) -> Tensor:
@@ -84,15 +92,26 @@ class SoftmaxAttention(Mixer):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # scaled at init by the model
         self.rotary = rotary
 
-    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+    supports_tree = True
+
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, tree: TreeStep | None = None
+    ) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each [B, T, D]
         q, k, v = (split_heads(t, self.num_heads) for t in (q, k, v))  # each [B, H, T, Dh]
         offset = 0 if cache is None else cache.length
+        positions = None if tree is None else tree.positions
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         if cache is not None:
             k, v = self._append(cache, k, v)  # [B, H, offset + T, Dh]
-        y = self._attend(q, k, v)  # [B, H, T, Dh]
+        if tree is not None:
+            if cache is None:
+                raise ValueError("a tree step continues a cached sequence; pass the cache")
+            mask = tree.attention_mask(offset).to(q.device)  # [T, offset + T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = self._attend(q, k, v)  # [B, H, T, Dh]
         return self.out_proj(merge_heads(y))  # [B, T, D]
 
     def _append(self, cache: KVCache, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

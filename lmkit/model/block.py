@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Cache, Mixer
+from lmkit.mixers.base import Cache, Mixer, TreeStep
 from lmkit.model.norms import build_norm
 
 
@@ -27,8 +27,12 @@ class Block(nn.Module):
         self.mlp = mlp
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:
-        x = x + self.dropout(self.mixer(self.mixer_norm(x), cache))
+    def forward(
+        self, x: Tensor, cache: Cache | None = None, tree: TreeStep | None = None
+    ) -> Tensor:
+        h = self.mixer_norm(x)
+        mixed = self.mixer(h, cache) if tree is None else self.mixer(h, cache, tree=tree)
+        x = x + self.dropout(mixed)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lmkit.mixers.base import Cache, Mixer
+from lmkit.mixers.base import Cache, Mixer, TreeStep
 from lmkit.model.block import Block
 from lmkit.model.embeddings import Embedding
-from lmkit.model.heads import LMHead
+from lmkit.model.heads import LMHead, MedusaHeads
 from lmkit.model.norms import build_norm
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -45,6 +45,7 @@ class DecoderLM(nn.Module):
         norm: str = "layernorm",
         tie_weights: bool = True,
         dropout: float = 0.0,
+        medusa_heads: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -96,6 +97,10 @@ class DecoderLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_blocks))
         if tie_weights:
             self.head.proj.weight = self.embedding.token.weight
+        # Medusa's look-ahead heads (0: none), initialised from the LM head after its init
+        self.medusa = MedusaHeads(d_model, vocab_size, medusa_heads) if medusa_heads else None
+        if self.medusa is not None:
+            self.medusa.init_from(self.head)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -120,17 +125,27 @@ class DecoderLM(nn.Module):
         h = self.hidden_states(idx, caches)
         return self.head(h)
 
-    def hidden_states(self, idx: Tensor, caches: list[Cache] | None = None) -> Tensor:
-        """Final-norm hidden states [B, T, D] (what the LM head and Medusa heads read)."""
+    def hidden_states(
+        self, idx: Tensor, caches: list[Cache] | None = None, tree: TreeStep | None = None
+    ) -> Tensor:
+        """Final-norm hidden states [B, T, D] (what the LM head and Medusa heads read). With a
+        TreeStep the T new tokens are tree nodes after the cached sequence (Medusa)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
         if caches is not None and len(caches) != self.num_layers:
             raise ValueError(f"got {len(caches)} caches for {self.num_layers} layers")
+        if tree is not None and not self.supports_tree:
+            raise ValueError("this model's mixers cannot verify a tree in one pass")
         offset = caches[0].length if caches else 0
-        x = self.embedding(idx, offset)  # [B, T, D]
+        x = self.embedding(idx, offset, None if tree is None else tree.positions)  # [B, T, D]
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None)
+            x = block(x, caches[i] if caches is not None else None, tree)
         return self.final_norm(x)
+
+    @property
+    def supports_tree(self) -> bool:
+        """Whether every mixer verifies a Medusa tree with a tree attention mask."""
+        return all(block.mixer.supports_tree for block in self.blocks)
 
     def init_caches(
         self,

@@ -58,17 +58,21 @@ class Embedding(nn.Module):
         """True when positions past max_len have no embedding (learned, sinusoidal)."""
         return self.positional in ("learned", "sinusoidal")
 
-    def forward(self, idx: Tensor, offset: int = 0) -> Tensor:
-        """idx: [B, T] token ids at absolute positions offset .. offset+T-1 -> [B, T, D]."""
+    def forward(self, idx: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """idx: [B, T] token ids at absolute positions offset .. offset+T-1 (or at `positions`
+        [T], e.g. the depths of a Medusa tree after the cache) -> [B, T, D]."""
         T = idx.shape[1]
         x = self.token(idx)  # [B, T, D]
-        if self.bounded and offset + T > self.max_len:
+        last = offset + T - 1 if positions is None else int(positions.max())
+        if self.bounded and last >= self.max_len:
             raise ValueError(
-                f"position {offset + T - 1} is past the {self.positional} embedding's "
+                f"position {last} is past the {self.positional} embedding's "
                 f"max_len={self.max_len}; use a shorter context or model.embedding.max_len"
             )
+        if positions is None and self.bounded:
+            positions = torch.arange(offset, offset + T, device=idx.device)
         if self.positional == "learned":
-            x = x + self.position(torch.arange(offset, offset + T, device=idx.device))
+            x = x + self.position(positions)
         elif self.positional == "sinusoidal":
-            x = x + self.table[offset : offset + T].to(x.dtype)
+            x = x + self.table[positions].to(x.dtype)
         return self.dropout(x)

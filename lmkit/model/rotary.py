@@ -22,10 +22,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2]
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """x: [B, H, T, Dh] -> same shape, rotated for positions offset .. offset+T-1."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """x: [B, H, T, Dh] -> same shape, rotated for positions offset .. offset+T-1 (or for
+        `positions` [T], e.g. a Medusa tree's cache length + node depth)."""
         T = x.shape[-2]
-        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        if positions is None:
+            pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        else:
+            pos = positions.to(device=x.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq.to(x.device))  # [T, Dh/2]
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # [T, Dh]
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1)  # [T, Dh]

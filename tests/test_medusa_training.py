@@ -1,0 +1,83 @@
+"""Medusa heads on a trained base: Medusa-1 trains only the heads, Medusa-2 both; every head
+learns; per-head accuracy is reported; the checkpoint restores with its heads."""
+
+import pytest
+import torch
+from omegaconf import open_dict
+from support import compose_config
+
+from lmkit.checkpoint import restore
+from lmkit.model.heads import medusa_targets
+from lmkit.task import LanguageModelTask
+from lmkit.training import build_model, load_base_weights, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    cfg = compose_config("trainer.max_steps=30", "ngram.enabled=false", run_dir=run_dir)
+    results = train(cfg)
+    return run_dir / "checkpoints" / "last.ckpt", results
+
+
+def medusa_run(tmp_path, base_ckpt, *extra):
+    cfg = compose_config(
+        "experiment=medusa",
+        f"base_ckpt={base_ckpt}",
+        "medusa.num_heads=3",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        *extra,
+        run_dir=tmp_path / "medusa",
+    )
+    return cfg, train(cfg)
+
+
+def test_medusa1_trains_heads_only(tmp_path, base_ckpt):
+    base_ckpt, base_results = base_ckpt
+    cfg, results = medusa_run(tmp_path, base_ckpt)
+    for k in (1, 2, 3):
+        assert 0.0 <= results[f"val_medusa{k}_acc"] <= 1.0
+    base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
+    assert len(tuned.medusa) == 3
+    for name, p in base.state_dict().items():  # the base is frozen: unchanged
+        torch.testing.assert_close(tuned.state_dict()[name], p, rtol=0, atol=0)
+    for head in tuned.medusa.heads:  # every head moved away from its initialisation
+        assert head.block.weight.abs().sum() > 0
+        assert not torch.equal(head.proj.weight, tuned.head.proj.weight)
+    # the base model's own loss is unchanged by Medusa-1 (same weights, same val tokens)
+    assert results["val_loss"] == pytest.approx(base_results["val_loss"], rel=1e-6)
+
+
+def test_medusa2_trains_base_and_heads(tmp_path, base_ckpt):
+    base_ckpt, _ = base_ckpt
+    cfg, _ = medusa_run(tmp_path, base_ckpt, "medusa.joint=true")
+    base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
+    changed = [n for n, p in base.state_dict().items() if not torch.equal(tuned.state_dict()[n], p)]
+    assert any(n.startswith("blocks.") for n in changed)
+
+
+def test_every_head_gets_gradients(base_ckpt):
+    restored = restore(base_ckpt[0])
+    model, cfg = restored.model, restored.config
+    with open_dict(cfg):
+        cfg.model.medusa_heads = 4
+    medusa = build_model(cfg, model.vocab_size)
+    load_base_weights(medusa, model.state_dict(), joint=False)
+    task = LanguageModelTask(medusa, optimizer=torch.optim.AdamW, max_steps=1)
+    task.log = lambda *a, **k: None
+    x = torch.randint(0, model.vocab_size, (2, 16))
+    task.training_step((x[:, :-1], x[:, 1:]), 0).backward()
+    for k, head in enumerate(medusa.medusa.heads, start=1):
+        assert head.block.weight.grad is not None and head.block.weight.grad.abs().sum() > 0, k
+        assert head.proj.weight.grad.abs().sum() > 0, k
+    assert all(p.grad is None for n, p in medusa.named_parameters() if not n.startswith("medusa."))
+    assert medusa_targets(x[:, 1:], 4)[:, -4:].eq(-100).all()
+
+
+def test_base_with_heads_is_refused(tmp_path, base_ckpt):
+    cfg, _ = medusa_run(tmp_path, base_ckpt[0])
+    with pytest.raises(ValueError, match="already has Medusa heads"):
+        medusa_run(tmp_path / "again", cfg.run_dir + "/checkpoints/last.ckpt")
