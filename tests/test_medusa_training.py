@@ -81,3 +81,43 @@ def test_base_with_heads_is_refused(tmp_path, base_ckpt):
     cfg, _ = medusa_run(tmp_path, base_ckpt[0])
     with pytest.raises(ValueError, match="already has Medusa heads"):
         medusa_run(tmp_path / "again", cfg.run_dir + "/checkpoints/last.ckpt")
+
+
+def test_generate_and_bench_scripts_decode_with_medusa(tmp_path, base_ckpt):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    cfg, _ = medusa_run(tmp_path, base_ckpt[0])
+    ckpt = cfg.run_dir + "/checkpoints/last.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def script(*args):
+        return subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    out = script(
+        "scripts/generate.py",
+        f"ckpt={ckpt}",
+        "decoding=medusa",
+        "max_new_tokens=12",
+        "prompt=ROMEO:",
+        "tree_nodes=6",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ROMEO:") and "tokens/step" in out.stderr
+    bench = script(
+        "scripts/medusa_bench.py",
+        f"ckpt={ckpt}",
+        "prompts=2",
+        "prompt_len=4",
+        "max_new_tokens=8",
+        "tree_nodes=6",
+    )
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    report = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert report["identical_outputs"] == "2/2" and report["tokens_per_step"] >= 1.0

@@ -68,7 +68,9 @@ def test_sweep_goes_past_a_failed_job_and_reports(tmp_path):
 
 
 def test_optuna_sweeper_searches_the_learning_rate(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason="needs pip install -e .[sweep] (in .[dev])"
+    )
     sweep = tmp_path / "optuna"
     out = multirun(
         sweep,
