@@ -137,38 +137,61 @@ def baseline_of(runs: list[Run]) -> dict[str, Any] | None:
     return next((r.results["baseline"] for r in runs if (r.results or {}).get("baseline")), None)
 
 
+def is_mqar(run: Run) -> bool:
+    return str((run.config.get("data") or {}).get("_target_", "")).endswith("MQARDataModule")
+
+
 def results_table(runs: list[Run]) -> list[str]:
-    """Markdown rows: one per finished run, then the n-gram baseline row."""
-    has_acc = any("val_acc" in (r.results or {}) for r in runs)
-    has_test = any("test_loss" in (r.results or {}) for r in runs)
-    header = ["run", "mixer", "params", "val loss (nats/token)", "val ppl"]
-    header += ["test ppl"] if has_test else []
-    header += ["val bpb (bits/byte)", "tokens/s", "peak mem (MiB)", "wall (s)"]
-    header += ["val acc (%)"] if has_acc else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in runs:
-        if run.status != "ok":
-            continue
-        r = run.results
-        row = [run.label, run.mixer, _fmt(r.get("params")), _fmt(r.get("val_loss"), 4)]
-        row += [_fmt(r.get("val_ppl"))] + ([_fmt(r.get("test_ppl"))] if has_test else [])
-        row += [
-            _fmt(r.get("val_bpb"), 3),
-            _fmt(r.get("tokens_per_s")),
-            _fmt(r.get("peak_mem_mb"), 0),
+    """Markdown rows: one per finished run, then the n-gram baseline row. An MQAR sweep shows
+    answer accuracy instead of perplexity and bits per byte (its tokens are not text)."""
+    ok = [run for run in runs if run.status == "ok"]
+    text = not all(is_mqar(run) for run in ok)
+    has_test = any("test_loss" in run.results for run in ok)
+    has_acc = any("val_acc" in run.results for run in ok)
+
+    def pct(value: float | None) -> str:
+        return _fmt(100 * value if value is not None else None, 1)
+
+    # (header, cell of a run's results, cell of the baseline row)
+    columns = [("params", lambda r: _fmt(r.get("params")), "-")]
+    if text:
+        columns += [
+            ("val loss (nats/token)", lambda r: _fmt(r.get("val_loss"), 4), "loss"),
+            ("val ppl", lambda r: _fmt(r.get("val_ppl")), "ppl"),
         ]
-        row += [_fmt(r.get("wall_s"), 0)]
-        if has_acc:
-            acc = r.get("val_acc")
-            row += [_fmt(100 * acc if acc is not None else None, 1)]
-        lines.append("| " + " | ".join(row) + " |")
+        columns += [("test ppl", lambda r: _fmt(r.get("test_ppl")), "test_ppl")] if has_test else []
+        columns += [("val bpb (bits/byte)", lambda r: _fmt(r.get("val_bpb"), 3), "bpb")]
+    else:
+        columns += [
+            ("val loss (nats/answer)", lambda r: _fmt(r.get("val_loss"), 4), "-"),
+            ("val acc on answers (%)", lambda r: pct(r.get("val_acc")), "-"),
+            ("test acc on answers (%)", lambda r: pct(r.get("test_acc")), "-"),
+        ]
+    columns += [
+        ("tokens/s", lambda r: _fmt(r.get("tokens_per_s")), "-"),
+        ("peak mem (MiB)", lambda r: _fmt(r.get("peak_mem_mb"), 0), "-"),
+        ("wall (s)", lambda r: _fmt(r.get("wall_s"), 0), "-"),
+    ]
+    if text and has_acc:
+        columns += [("val acc (%)", lambda r: pct(r.get("val_acc")), "-")]
+
+    header = ["run", "mixer", *(name for name, _, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in ok:
+        cells = [run.label, run.mixer, *(cell(run.results) for _, cell, _ in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     baseline = baseline_of(runs)
-    if baseline:
+    if baseline and text:
         val, test = baseline.get("val") or {}, baseline.get("test") or {}
-        row = [f"KN{baseline['order']} n-gram baseline", "-", "-", _fmt(val.get("loss"), 4)]
-        row += [_fmt(val.get("ppl"))] + ([_fmt(test.get("ppl"))] if has_test else [])
-        row += [_fmt(val.get("bpb"), 3), "-", "-", "-"] + (["-"] if has_acc else [])
-        lines.append("| " + " | ".join(row) + " |")
+        figures = {
+            "loss": _fmt(val.get("loss"), 4),
+            "ppl": _fmt(val.get("ppl")),
+            "test_ppl": _fmt(test.get("ppl")),
+            "bpb": _fmt(val.get("bpb"), 3),
+        }
+        cells = [f"KN{baseline['order']} n-gram baseline", "-"]
+        cells += [figures.get(key, "-") for _, _, key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -253,7 +276,7 @@ def plot_accuracy_vs_width(runs: list[Run], path: Path) -> bool:
     """MQAR: best val accuracy over the other swept options, against d_model, per mixer."""
     best: dict[str, dict[int, float]] = {}
     for run in runs:
-        if not str((run.config.get("data") or {}).get("_target_", "")).endswith("MQARDataModule"):
+        if not is_mqar(run):
             continue
         acc = (run.results or {}).get("val_acc")
         width = (run.config.get("model") or {}).get("d_model")
@@ -298,12 +321,18 @@ def write_report(sweep_dir: str | Path) -> Path:
     lines += ["", "## Results", ""]
     if ok:
         lines += results_table(runs)
+        measures = (
+            "Loss and accuracy count the answer positions only (MQAR); chance accuracy is "
+            "1/(vocab/2)."
+            if all(is_mqar(run) for run in ok)
+            else "Loss and perplexity are per token of the run's tokenizer; bits per byte "
+            "compare across tokenizers."
+        )
         lines += [
             "",
-            "Loss and perplexity are per token of the run's tokenizer; bits per byte compare "
-            "across tokenizers. tokens/s is the median training step; peak memory is the "
-            "process's peak resident set (CPU) or peak allocated memory (CUDA); wall time "
-            "covers the whole run including evaluation.",
+            f"{measures} tokens/s is the median training step; peak memory is the process's "
+            "peak resident set (CPU) or peak allocated memory (CUDA); wall time covers the whole "
+            "run including evaluation.",
         ]
     else:
         lines += ["No run finished."]

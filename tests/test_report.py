@@ -121,6 +121,8 @@ def test_mqar_sweep_plots_accuracy_against_width(tmp_path):
     text = write_report(tmp_path).read_text()
     assert (tmp_path / "accuracy_vs_width.png").read_bytes()[:8] == PNG_MAGIC
     assert "| mixer=softmax d_model=32 | softmax |" in text and "| 99.0 |" in text
+    # not text: answer accuracy, no perplexity, bits per byte or n-gram row
+    assert "val acc on answers (%)" in text and "ppl" not in text and "bpb" not in text
 
 
 def test_compare_script(tmp_path):
