@@ -23,6 +23,13 @@ USER_ERRORS = (
 )
 
 
+def error_message(err: BaseException) -> str:
+    """The sentence to show for err: for Hydra's instantiate wrapper, the constructor's own."""
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return str(err.__cause__).strip()
+    return str(err).strip()
+
+
 def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Call fn; on a user error print `error: <message>` to stderr and exit with status 2.
 
@@ -33,10 +40,7 @@ def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except USER_ERRORS as err:
         if os.environ.get("LMKIT_DEBUG"):
             raise
-        message = str(err).strip()
-        if isinstance(err, InstantiationException) and err.__cause__ is not None:
-            message = str(err.__cause__).strip()  # the constructor's own sentence
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -207,6 +207,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def val_curves(run: Run) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(step, val loss) of every validation, and (seconds since training began, val loss) of
     those during training (the evaluation after fit has no training clock)."""
@@ -243,9 +249,7 @@ def plot_val_loss(runs: list[Run], path: Path) -> bool:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -266,9 +270,7 @@ def plot_throughput(runs: list[Run], path: Path) -> bool:
     ax.set_ylabel("tokens/s, one layer, forward+backward")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -297,9 +299,7 @@ def plot_accuracy_vs_width(runs: list[Run], path: Path) -> bool:
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

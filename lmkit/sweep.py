@@ -20,6 +20,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lmkit.cli import error_message
+
 log = logging.getLogger(__name__)
 
 
@@ -39,9 +41,7 @@ def run_sweep_job(fn: Callable[[DictConfig], Any], cfg: DictConfig, job_dir: Pat
     try:
         return fn(cfg)
     except Exception as err:  # noqa: BLE001 - any failure of one job is recorded, not fatal
-        message = str(err).strip()
-        if err.__cause__ is not None and "Error in call to target" in message:
-            message = str(err.__cause__).strip()  # Hydra's instantiate wrapper: the real cause
+        message = error_message(err)
         record = {
             "type": type(err).__name__,
             "message": message,

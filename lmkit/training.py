@@ -55,6 +55,7 @@ def build_task(
     datamodule: TextDataModule | None = None,
     extras: dict | None = None,
 ) -> LanguageModelTask:
+    medusa = cfg.get("medusa") or {}  # experiment=medusa's options (absent otherwise)
     token_bytes = None
     if datamodule is not None:
         token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes)
@@ -67,9 +68,9 @@ def build_task(
         min_lr=cfg.optim.min_lr,
         token_bytes=token_bytes,
         checkpoint_extras=extras,
-        medusa_loss_decay=float((cfg.get("medusa") or {}).get("loss_decay", 0.8)),
-        medusa_joint=bool((cfg.get("medusa") or {}).get("joint", False)),
-        medusa_base_lr_scale=float((cfg.get("medusa") or {}).get("base_lr_scale", 0.1)),
+        medusa_loss_decay=float(medusa.get("loss_decay", 0.8)),
+        medusa_joint=bool(medusa.get("joint", False)),
+        medusa_base_lr_scale=float(medusa.get("base_lr_scale", 0.1)),
     )
 
 
@@ -259,8 +260,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
     model = build_model(cfg, datamodule.vocab_size)
-    joint = bool((cfg.get("medusa") or {}).get("joint", False))
     if base_state is not None:
+        joint = bool((cfg.get("medusa") or {}).get("joint", False))
         load_base_weights(model, base_state, joint=joint)
     extras = {
         "config": OmegaConf.to_container(cfg, resolve=True),

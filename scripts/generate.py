@@ -37,12 +37,12 @@ DEFAULTS = {
 
 
 def medusa_sample(args, restored, prompt) -> list[str]:
-    from lmkit.decoding.medusa import calibrate_tree, medusa_generate
+    from lmkit.decoding.medusa import calibrate_tree, calibration_windows, medusa_generate
     from lmkit.training import build_datamodule
 
     datamodule = build_datamodule(restored.config)
     datamodule.prepare()
-    tree = calibrate_tree(restored.model, calibration_ids(datamodule), args.tree_nodes)
+    tree = calibrate_tree(restored.model, calibration_windows(datamodule, 16), args.tree_nodes)
     texts = []
     for row in prompt:
         tokens, stats = medusa_generate(
@@ -62,18 +62,6 @@ def medusa_sample(args, restored, prompt) -> list[str]:
             file=sys.stderr,
         )
     return texts
-
-
-def calibration_ids(datamodule, windows: int = 16) -> torch.Tensor:
-    """A few val windows: the text on which the tree is fitted to the heads' hit rates."""
-    loader = datamodule.eval_dataloader("val" if "val" in datamodule.split_names else "train")
-    batches, rows = [], 0
-    for x, _ in loader:
-        batches.append(x)
-        rows += len(x)
-        if rows >= windows:
-            break
-    return torch.cat(batches)[:windows]
 
 
 def sample(args) -> list[str]:

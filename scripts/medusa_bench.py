@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lmkit.checkpoint import restore
 from lmkit.cli import parse_key_values, run_cli
-from lmkit.decoding.medusa import calibrate_tree, greedy_generate, speedup_report
+from lmkit.decoding.medusa import calibrate_tree, calibration_windows, speedup_report, timed_greedy
 from lmkit.training import build_datamodule
 
 DEFAULTS = {
@@ -40,14 +40,10 @@ def bench(args) -> dict:
         raise ValueError(f"{args.ckpt} has no Medusa heads; train them with experiment=medusa")
     datamodule = build_datamodule(restored.config)
     datamodule.prepare()
-    windows = torch.cat([x for x, _ in datamodule.eval_dataloader("val")])
-    if len(windows) < 2 * args.prompts:
-        raise ValueError(
-            f"the val split has {len(windows)} windows; use prompts<={len(windows) // 2}"
-        )
+    windows = calibration_windows(datamodule, args.prompts + 32)  # prompts, then the fit
     tree = calibrate_tree(model, windows[args.prompts : args.prompts + 32], args.tree_nodes)
     prompts = [windows[i : i + 1, : args.prompt_len] for i in range(args.prompts)]
-    greedy_generate(model, prompts[0], 4)  # warm-up
+    timed_greedy(model, prompts[0], 4)  # warm-up
     report = speedup_report(
         model, prompts, args.max_new_tokens, tree=tree, acceptance=args.acceptance
     )

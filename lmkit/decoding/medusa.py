@@ -97,6 +97,22 @@ def head_rank_accuracy(model, ids: Tensor, top_k: int = 8) -> list[list[float]]:
     return accuracy
 
 
+def calibration_windows(datamodule, count: int) -> Tensor:
+    """The first `count` windows [count, T] of the val split (train when there is none): text
+    to fit a tree on and to draw prompts from."""
+    split = "val" if "val" in datamodule.split_names else "train"
+    batches, rows = [], 0
+    for x, _ in datamodule.eval_dataloader(split):
+        batches.append(x)
+        rows += len(x)
+        if rows >= count:
+            break
+    windows = torch.cat(batches)
+    if len(windows) < count:
+        raise ValueError(f"the {split} split has only {len(windows)} windows; {count} are needed")
+    return windows[:count]
+
+
 def calibrate_tree(model, ids: Tensor, num_nodes: int = 24, top_k: int = 4):
     """tree_from_accuracies on the heads' measured hit rates over ids [B, T]."""
     return tree_from_accuracies(head_rank_accuracy(model, ids, top_k), num_nodes)
@@ -213,23 +229,16 @@ class MedusaStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _rewind(caches: list, best: int, keep: int) -> bool:
-    """Keep row `best` of every cache, cropped to `keep` tokens; False when some cache cannot go
+def _rewind(caches: list, row: Tensor, keep: int) -> bool:
+    """Keep `row` ([1]) of every cache, cropped to `keep` tokens; False when some cache cannot go
     back (the caller then restores the snapshot and replays the accepted tokens)."""
     for cache in caches:
-        cache.select(torch.tensor([best], device=_device_of(cache)))
+        cache.select(row)
         try:
             cache.crop(keep)
         except ValueError:
             return False
     return True
-
-
-def _device_of(cache) -> torch.device:
-    for value in vars(cache).values():
-        if isinstance(value, Tensor):
-            return value.device
-    return torch.device("cpu")
 
 
 def _proposer(medusa):
@@ -342,7 +351,7 @@ def medusa_generate(
             for cache in caches:
                 cache.compact(length, leaves[best, : 1 + a])
             h = hs[leaves[best, a]].view(1, 1, -1)
-        elif _rewind(caches, best, length + 1 + a):
+        elif _rewind(caches, accepted.argmax().view(1), length + 1 + a):
             h = hs[best : best + 1, a : a + 1]
         else:  # a recurrent state: back to before verification, then advance by the kept tokens
             caches = snapshot
@@ -362,22 +371,14 @@ def medusa_generate(
     return tokens.unsqueeze(0), stats
 
 
-@torch.no_grad()
-def greedy_generate(model, idx: Tensor, max_new_tokens: int) -> tuple[Tensor, float]:
-    """Plain cached greedy decoding of idx [1, T0] (the reference Medusa must equal, and the
-    baseline of its speedup) -> (tokens [1, T0 + new], seconds)."""
-    model.eval()
+def timed_greedy(model, idx: Tensor, max_new_tokens: int) -> tuple[Tensor, float]:
+    """Plain cached greedy decoding (lmkit.decoding.sampling.generate at temperature 0), the
+    reference Medusa must equal and the baseline of its speedup -> (tokens, seconds)."""
+    from lmkit.decoding.sampling import generate
+
     started = time.perf_counter()
-    dtype = next(model.parameters()).dtype
-    caches = model.init_caches(1, idx.shape[1] + max_new_tokens, device=idx.device, dtype=dtype)
-    logits = model(idx, caches)[:, -1]
-    out = [idx]
-    for step in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        if step < max_new_tokens - 1:
-            logits = model(nxt, caches)[:, -1]
-    return torch.cat(out, dim=1), time.perf_counter() - started
+    tokens = generate(model, idx, max_new_tokens, temperature=0)
+    return tokens, time.perf_counter() - started
 
 
 def speedup_report(model, prompts: list[Tensor], max_new_tokens: int, **medusa_options) -> dict:
@@ -388,7 +389,7 @@ def speedup_report(model, prompts: list[Tensor], max_new_tokens: int, **medusa_o
     same = 0
     for prompt in prompts:
         m_tokens, stats = medusa_generate(model, prompt, max_new_tokens, **medusa_options)
-        g_tokens, seconds = greedy_generate(model, prompt, max_new_tokens)
+        g_tokens, seconds = timed_greedy(model, prompt, max_new_tokens)
         medusa_s, greedy_s = medusa_s + stats.seconds, greedy_s + seconds
         accepted += stats.accepted
         same += int(torch.equal(m_tokens, g_tokens))

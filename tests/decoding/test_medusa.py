@@ -8,7 +8,6 @@ from lmkit.decoding.medusa import (
     accepted_lengths,
     check_tree,
     default_tree,
-    greedy_generate,
     medusa_generate,
     tree_buffers,
     tree_from_accuracies,
@@ -129,7 +128,7 @@ def test_greedy_medusa_equals_greedy_decoding(mixer, scramble, new, use_tree_mas
     for prompt_len, seed in ((1, 0), (5, 1), (11, 2)):
         generator = torch.Generator().manual_seed(seed)
         prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=generator)
-        expected, _ = greedy_generate(model, prompt, new)
+        expected = model.generate(prompt, new, temperature=0)
         tokens, stats = medusa_generate(
             model, prompt, new, tree=default_tree(3, 12), use_tree_mask=use_tree_mask
         )
@@ -203,7 +202,7 @@ def test_typical_with_a_huge_threshold_accepts_only_the_base_token():
         model, prompt, 20, acceptance="typical", epsilon=1e9, delta=1e9, tree=default_tree(3, 12)
     )
     assert stats.accepted == [1] * stats.steps and stats.steps == 19
-    assert torch.equal(tokens, greedy_generate(model, prompt, 20)[0])
+    assert torch.equal(tokens, model.generate(prompt, 20, temperature=0))
 
 
 def test_medusa_errors_are_clear():
