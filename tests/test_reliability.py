@@ -88,21 +88,13 @@ def assert_same_weights(a, b):
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
+    # the run kills itself with SIGKILL after step 17 (checkpoints every 5 steps: the last is 15)
+    killer = [sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "17"]
     cmd = train_cmd(run_dir, "trainer.max_steps=40", "trainer.val_check_interval=20")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        wait_for_checkpoint(proc, last, min_step=15)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    out = run(killer + cmd[2:])
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     killed_at = saved_step(last)
-    assert 15 <= killed_at < 40
+    assert killed_at == 15
     out = run(
         train_cmd(run_dir, "trainer.max_steps=40", "trainer.val_check_interval=20", "resume=true")
     )
