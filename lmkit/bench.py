@@ -1,4 +1,5 @@
-"""Measured costs: training throughput of a config, and one mixer layer's time and memory vs T.
+"""Measured costs: training throughput of a config (through lmkit's Lightning path and a bare
+PyTorch loop), the machine's matmul peak for MFU, and one mixer layer's time and memory vs T.
 
 Figures are printed by scripts/bench.py, never asserted in tests. Memory on CPU is the peak
 resident set size of a fresh worker process above its baseline (so every allocation the layer
@@ -10,14 +11,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
+import lightning as L
 import torch
+from omegaconf import DictConfig, open_dict
 from torch import nn
-
-from lmkit.task import param_groups
 
 PRECISIONS = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -34,42 +37,137 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step_timings(
-    model: nn.Module,
-    *,
-    batch_size: int,
-    block_size: int,
-    steps: int = 20,
-    warmup: int = 5,
-    precision: str = "bf16-mixed",
-    lr: float = 1e-3,
+def gemm_shapes(model: nn.Module, rows: int) -> list[tuple[int, int, int]]:
+    """The model's GEMMs as (m, k, n): every distinct nn.Linear applied to `rows` tokens."""
+    shapes = {
+        (rows, m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)
+    }
+    return sorted(shapes)
+
+
+def matmul_peak(
+    shapes: list[tuple[int, int, int]],
+    dtype: torch.dtype,
     device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Median ms/step and tokens/s of forward + backward + clip + AdamW on random tokens."""
+    seconds: float = 0.25,
+) -> dict:
+    """The best FLOP/s torch.mm reaches on these (m, k, n) shapes in this dtype: the machine's
+    matmul peak as this model can use it (the MFU denominator). Each shape runs `seconds`."""
+    device = torch.device(device)
+    best, best_shape = 0.0, None
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        out = torch.empty(m, n, device=device, dtype=dtype)
+        for _ in range(3):  # warm up (oneDNN / cuBLAS pick their kernels)
+            torch.mm(a, b, out=out)
+        _sync(device)
+        reps, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for _ in range(4):
+                torch.mm(a, b, out=out)
+            _sync(device)
+            reps += 4
+        flops = 2 * m * k * n * reps / elapsed
+        if flops > best:
+            best, best_shape = flops, (m, k, n)
+    return {"flops_per_s": best, "shape": best_shape}
+
+
+class StepClock(L.Callback):
+    """Time stamps at the end of every training batch: the intervals are whole steps (data,
+    forward, backward, optimizer, logging, callbacks)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        _sync(pl_module.device)
+        self.stamps.append(time.perf_counter())
+
+
+def step_figures(stamps: list[float], warmup: int, tokens_per_step: int) -> dict[str, float]:
+    """Median ms/step and tokens/s of the intervals between stamps after `warmup` steps."""
+    intervals = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False)]
+    if not intervals:
+        raise ValueError(f"{len(stamps)} steps timed; need warmup ({warmup}) + at least 2")
+    median = statistics.median(intervals)
+    return {"ms_per_step": 1e3 * median, "tokens_per_s": tokens_per_step / median}
+
+
+def _timed_run(cfg: DictConfig, steps: int, warmup: int):
+    """cfg with max_steps = the timed run's length, its data module and a fresh seeded model."""
+    from lmkit.training import build_datamodule, build_model, compile_model
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.trainer.max_steps = warmup + steps + 1
+    L.seed_everything(cfg.seed, verbose=False)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare()
+    model = build_model(cfg, datamodule.vocab_size)
+    if cfg.model.get("compile"):
+        compile_model(model)
+    return cfg, datamodule, model
+
+
+def lightning_step_timings(cfg: DictConfig, *, steps: int, warmup: int) -> dict:
+    """Train steps of cfg through lmkit's Lightning path (train.py's trainer, callbacks, CSV
+    logger and progress bar; no validation) on the real data: median ms/step and tokens/s."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lmkit.training import build_task, build_trainer
+
+    cfg, datamodule, model = _timed_run(cfg, steps, warmup)
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(
+            cfg,
+            Path(run_dir),
+            loggers=[CSVLogger(run_dir, name="", version="")],
+            extra_callbacks=[clock],
+            limit_val_batches=0,
+            enable_model_summary=False,
+        )
+        trainer.fit(build_task(cfg, model, datamodule), datamodule=datamodule)
+    tokens = cfg.data.batch_size * cfg.data.block_size
+    return {**step_figures(clock.stamps, warmup, tokens), "model": model}
+
+
+def bare_step_timings(cfg: DictConfig, *, steps: int, warmup: int, device: str = "cpu") -> dict:
+    """The same model, data, optimizer, schedule, clipping and precision in a plain PyTorch
+    loop: what the framework's path is compared with."""
+    from lmkit.task import masked_mean_nll
+    from lmkit.training import build_task
+
+    cfg, datamodule, model = _timed_run(cfg, steps, warmup)
     device = torch.device(device)
     model = model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=lr)
+    configured = build_task(cfg, model, datamodule).configure_optimizers()
+    optimizer = configured["optimizer"]
+    scheduler = configured["lr_scheduler"]["scheduler"]
+    precision, clip = str(cfg.trainer.precision), cfg.trainer.gradient_clip_val
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    vocab = model.vocab_size
-    times = []
-    for step in range(warmup + steps):
-        x = torch.randint(0, vocab, (batch_size, block_size + 1), device=device)
-        _sync(device)
-        start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    stamps = []
+    for x, y in datamodule.train_dataloader():
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_for(precision, device):
-            logits = model(x[:, :-1])
-        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = masked_mean_nll(model(x), y)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
+        if clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"ms_per_step": 1e3 * median, "tokens_per_s": batch_size * block_size / median}
+        stamps.append(time.perf_counter())
+        if len(stamps) > warmup + steps:
+            break
+    tokens = cfg.data.batch_size * cfg.data.block_size
+    return {**step_figures(stamps, warmup, tokens), "model": model}
 
 
 def layer_timing(

@@ -93,6 +93,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # Sections of the config that must match for a checkpoint to continue a run.
 RESUME_MUST_MATCH = ("model", "tokenizer", "data")
+# ... except how they run: these may change between attempts.
+RESUME_MAY_DIFFER = ("eval_batch_size", "num_workers", "compile")
 
 
 def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
@@ -123,7 +125,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
         diff = sorted(
             k
             for k in old.keys() | new.keys()
-            if old.get(k) != new.get(k) and not k.endswith(("eval_batch_size", "num_workers"))
+            if old.get(k) != new.get(k) and not k.endswith(RESUME_MAY_DIFFER)
         )
         if diff:
             pairs = ", ".join(

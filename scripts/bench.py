@@ -1,21 +1,28 @@
 """Print measured costs of a config (figures, not assertions).
 
-  python scripts/bench.py experiment=shakespeare_char_cpu
+  python scripts/bench.py experiment=shakespeare_char_cpu --bare
+  python scripts/bench.py model/mixer=linear model.compile=true --steps 30
   python scripts/bench.py model/mixer=softmax model.mixer.backend=tiled bench.what=[layer]
-  python scripts/bench.py bench.seq_lens=[256,1024,4096] bench.device=cuda
+  python scripts/bench_mixers.py model.d_model=384 ...   # the train figures of every mixer
 
-train: median ms/step and tokens/s of a full training step (forward, backward, clip, AdamW) on
-random tokens of the config's batch and block size, and the process's peak memory.
+train: training steps of the config through lmkit's Lightning path (train.py's trainer and
+callbacks, real data, no validation): median ms/step and tokens/s after warm-up, peak memory,
+model FLOPs per token (lmkit.flops: every mixer, MLP and head matmul), achieved FLOP/s, and MFU
+against this machine's matmul peak, which bench measures itself (fp32 and bf16 GEMMs at the
+model's shapes). --bare (bench.bare=true) also runs the same model, data, optimizer and
+precision in a plain PyTorch loop and prints the Lightning/bare throughput ratio.
 layer: forward+backward ms and peak memory of one mixer layer (d_model of the config) per T.
 decode: ms per generated token with the caches filled to each of bench.decode_positions
 (positional tables are sized to fit; use model/embedding=rope or none for unbounded models).
 
+Flags: --bare (bench.bare=true), --steps N (bench.steps=N).
 bench.save=path/bench.json also writes the figures as JSON; a bench.json inside a sweep's job
 folder feeds the throughput plot of scripts/compare.py.
 """
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,9 +32,89 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.bench import decode_timings, layer_costs, train_step_timings
+from lmkit.bench import (
+    bare_step_timings,
+    decode_timings,
+    gemm_shapes,
+    layer_costs,
+    lightning_step_timings,
+    matmul_peak,
+)
 from lmkit.cli import run_cli
-from lmkit.training import build_model, peak_memory_mb
+from lmkit.training import apply_runtime_settings, build_model, peak_memory_mb
+
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
+    """Lightning path (and the bare loop), FLOPs, matmul peaks and MFU; printed and returned."""
+    b, precision = cfg.bench, str(cfg.trainer.precision)
+    runs = {"lightning": lightning_step_timings(cfg, steps=b.steps, warmup=b.warmup)}
+    peak_mb = peak_memory_mb()
+    if b.bare:
+        runs["bare"] = bare_step_timings(cfg, steps=b.steps, warmup=b.warmup, device=b.device)
+    model = runs["lightning"].pop("model")
+    for run in runs.values():
+        run.pop("model", None)
+    flops = model.flops_per_token(cfg.data.block_size)
+    rows = cfg.data.batch_size * cfg.data.block_size
+    shapes = gemm_shapes(model, rows)
+    peaks = {
+        name: matmul_peak(shapes, dtype, b.device, seconds=b.peak_seconds)
+        for name, dtype in PEAK_DTYPES.items()
+    }
+    # MFU against the peak of the dtype the matmuls run in: bf16 under bf16 autocast
+    basis = "bf16" if precision.startswith("bf16") else "fp32"
+    for run in runs.values():
+        run["flops_per_s"] = flops["train"] * run["tokens_per_s"]
+        run["mfu"] = run["flops_per_s"] / peaks[basis]["flops_per_s"]
+    table = Table(
+        title=f"training {label}, {model.num_params():,} params, B={cfg.data.batch_size} "
+        f"T={cfg.data.block_size}, {precision}" + (", compiled" if cfg.model.get("compile") else "")
+    )
+    for col in ("path", "ms / step", "tokens / s", "GFLOP/s", f"MFU ({basis} peak)"):
+        table.add_column(col, justify="right")
+    for name, run in runs.items():
+        table.add_row(
+            name,
+            f"{run['ms_per_step']:.1f}",
+            f"{run['tokens_per_s']:,.0f}",
+            f"{run['flops_per_s'] / 1e9:,.1f}",
+            f"{100 * run['mfu']:.1f}%",
+        )
+    console.print(table)
+    console.print(
+        f"model FLOPs per token: {flops['train'] / 1e6:,.2f} M (training; forward "
+        f"{flops['forward'] / 1e6:,.2f} M: mixers {flops['mixer'] / 1e6:,.2f} M, MLPs "
+        f"{flops['mlp'] / 1e6:,.2f} M, head {flops['head'] / 1e6:,.2f} M)"
+    )
+    for name, peak in peaks.items():
+        m, k, n = peak["shape"]
+        console.print(
+            f"matmul peak {name}: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s "
+            f"(best of the model's {len(shapes)} GEMM shapes: {m}x{k} @ {k}x{n})"
+        )
+    console.print(f"peak memory {peak_mb:,.0f} MiB")
+    figures = {
+        **runs,
+        "precision": precision,
+        "compile": bool(cfg.model.get("compile")),
+        "params": model.num_params(),
+        "flops_per_token": flops,
+        "matmul_peak": peaks,
+        "mfu_basis": basis,
+        "peak_mb": peak_mb,
+        # the Lightning path's figures at the top level (what the sweep report reads)
+        "tokens_per_s": runs["lightning"]["tokens_per_s"],
+        "ms_per_step": runs["lightning"]["ms_per_step"],
+        "mfu": runs["lightning"]["mfu"],
+    }
+    if "bare" in runs:
+        figures["lightning_over_bare"] = (
+            runs["lightning"]["tokens_per_s"] / runs["bare"]["tokens_per_s"]
+        )
+        console.print(f"[bold]Lightning / bare throughput: {figures['lightning_over_bare']:.3f}[/]")
+    return figures
 
 
 def bench(cfg: DictConfig) -> None:
@@ -39,24 +126,7 @@ def bench(cfg: DictConfig) -> None:
     shown = ("backend", "mode", "pattern", "scan", "chunk_size", "window")
     label = " ".join([mixer, *(f"{k}={options[k]}" for k in shown if k in options)])
     if "train" in b.what:
-        model = build_model(cfg, vocab_size=65)
-        figures = train_step_timings(
-            model,
-            batch_size=cfg.data.batch_size,
-            block_size=cfg.data.block_size,
-            steps=b.steps,
-            warmup=b.warmup,
-            precision=precision,
-            device=b.device,
-        )
-        saved["train"] = {**figures, "peak_mb": peak_memory_mb(), "params": model.num_params()}
-        console.print(
-            f"[bold]train step[/] {label}, {model.num_params():,} params, "
-            f"B={cfg.data.batch_size} T={cfg.data.block_size} {precision}: "
-            f"{figures['ms_per_step']:.1f} ms/step, "
-            f"{figures['tokens_per_s']:,.0f} tokens/s, "
-            f"peak memory {peak_memory_mb():.0f} MiB"
-        )
+        saved["train"] = train_figures(cfg, console, label)
     if "layer" in b.what:
         make_layer = functools.partial(instantiate(cfg.model.mixer), cfg.model.d_model)
         rows = layer_costs(
@@ -103,11 +173,35 @@ def bench(cfg: DictConfig) -> None:
         console.print(f"written: {b.save}")
 
 
+FLAGS = {"--bare": "bench.bare=true", "--steps": "bench.steps={}"}
+
+
+def translate_flags(argv: list[str]) -> list[str]:
+    """--bare and --steps N (or --steps=N) as the Hydra overrides they stand for."""
+    out, args = [], iter(argv)
+    for arg in args:
+        name, _, value = arg.partition("=")
+        if name == "--bare":
+            out.append(FLAGS["--bare"])
+        elif name == "--steps":
+            out.append(FLAGS["--steps"].format(value or next(args, "")))
+        else:
+            out.append(arg)
+    return out
+
+
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
+    with open_dict(cfg):
+        if cfg.bench.device == "auto":
+            cfg.bench.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.trainer.accelerator == "auto":
+            cfg.trainer.accelerator = "gpu" if cfg.bench.device == "cuda" else "cpu"
+    apply_runtime_settings(cfg)  # precision=auto, matmul precision, threads: as train.py
     run_cli(bench, cfg)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = translate_flags(sys.argv[1:])
     main()

@@ -1,8 +1,24 @@
 """The benchmark helpers run and return sane figures (timings are printed, not tested)."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
-from lmkit.bench import decode_timings, layer_costs, train_step_timings
+import pytest
+import torch
+from support import REPO, compose_config
+
+from lmkit.bench import (
+    bare_step_timings,
+    decode_timings,
+    gemm_shapes,
+    layer_costs,
+    lightning_step_timings,
+    matmul_peak,
+    step_figures,
+)
 from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.embeddings import Embedding
@@ -19,11 +35,32 @@ def tiny_model() -> DecoderLM:
     )
 
 
-def test_train_step_timings():
-    figures = train_step_timings(
-        tiny_model(), batch_size=2, block_size=8, steps=2, warmup=1, precision="bf16-mixed"
-    )
-    assert figures["ms_per_step"] > 0 and figures["tokens_per_s"] > 0
+def test_lightning_path_and_bare_loop_train_the_same_run(tmp_path):
+    """The bare loop is the Lightning path without the framework: same batches, optimizer,
+    schedule and clipping give the same weights after the same steps."""
+    cfg = compose_config("ngram.enabled=false", run_dir=tmp_path)
+    lightning = lightning_step_timings(cfg, steps=3, warmup=1)
+    bare = bare_step_timings(cfg, steps=3, warmup=1)
+    for figures in (lightning, bare):
+        assert figures["ms_per_step"] > 0 and figures["tokens_per_s"] > 0
+    a, b = lightning["model"].state_dict(), bare["model"].state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_step_figures_take_the_median_interval_after_warmup():
+    figures = step_figures([0.0, 5.0, 6.0, 7.0, 9.0], warmup=1, tokens_per_step=100)
+    assert figures == {"ms_per_step": 1000.0, "tokens_per_s": 100.0}  # intervals 1, 1, 2
+    with pytest.raises(ValueError, match="need warmup"):
+        step_figures([0.0, 1.0], warmup=1, tokens_per_step=1)
+
+
+def test_matmul_peak_over_the_model_shapes():
+    shapes = gemm_shapes(tiny_model(), rows=64)
+    assert (64, 16, 48) in shapes and (64, 16, 20) in shapes  # qkv and the LM head
+    peak = matmul_peak(shapes, torch.float32, seconds=0.01)
+    assert peak["flops_per_s"] > 0 and peak["shape"] in shapes
 
 
 def test_decode_timings_reach_each_position():
@@ -38,21 +75,17 @@ def test_layer_costs_in_a_fresh_process():
 
 
 def test_bench_script_saves_its_figures(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from support import REPO
-
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [
             sys.executable,
             "scripts/bench.py",
             "bench.what=[train,layer]",
-            "bench.steps=2",
+            "--steps",
+            "2",
+            "--bare",
             "bench.warmup=1",
+            "bench.peak_seconds=0.01",
             "bench.seq_lens=[16,32]",
             "bench.layer_repeats=2",
             "model.d_model=32",
@@ -72,4 +105,55 @@ def test_bench_script_saves_its_figures(tmp_path):
     figures = json.loads(out.read_text())
     assert [row["T"] for row in figures["layer"]] == [16, 32]
     assert figures["layer"][0]["batch_size"] == 1 and figures["layer"][0]["ms"] > 0
-    assert figures["train"]["tokens_per_s"] > 0 and figures["label"].startswith("SoftmaxAttention")
+    train = figures["train"]
+    assert train["tokens_per_s"] > 0 and figures["label"].startswith("SoftmaxAttention")
+    assert train["precision"] == "32-true" and train["flops_per_token"]["train"] > 0
+    assert 0 < train["mfu"] and train["lightning_over_bare"] > 0  # --bare ran the plain loop
+    assert train["matmul_peak"]["fp32"]["flops_per_s"] > 0 and "bf16" in train["matmul_peak"]
+    assert "Lightning / bare throughput" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_runs_for_every_mixer(tmp_path):
+    """scripts/bench_mixers.py: bench.py --steps 5 --bare for every mixer preset, one table."""
+    out = tmp_path / "mixers.md"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_mixers.py",
+            f"--out={out}",
+            "--steps",
+            "5",
+            "--bare",
+            "bench.warmup=1",
+            "bench.peak_seconds=0.01",
+            "model.d_model=32",
+            "model.num_layers=1",
+            "data.block_size=32",
+            "data.batch_size=2",
+            "trainer.precision=32-true",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.with_suffix(".json").read_text())
+    presets = sorted(p.stem for p in (REPO / "conf" / "model" / "mixer").glob("*.yaml"))
+    assert sorted(figures) == presets
+    for mixer, f in figures.items():
+        assert f["tokens_per_s"] > 0 and f["mfu"] > 0 and f["lightning_over_bare"] > 0, mixer
+    table = out.read_text()
+    assert all(f"| {mixer} |" in table for mixer in presets)
+
+
+def test_bench_mixers_refuses_an_unknown_mixer():
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_mixers.py", "--mixers", "softmax,nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "unknown mixers ['nope']" in done.stderr

@@ -85,3 +85,14 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="not written by lmkit"):
         load_checkpoint(foreign)
+
+
+def test_precision_auto_follows_the_device(monkeypatch):
+    from lmkit import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.resolve_precision("auto", "cpu") == "bf16-mixed"  # AMX: measured faster
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.resolve_precision("auto", "cpu") == "32-true"
+    assert training.resolve_precision("32-true", "gpu") == "32-true"  # explicit choices stay
+    assert training.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"

@@ -353,6 +353,7 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             dataset,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # page-locked batches copy to a GPU async
             **kwargs,
         )
 

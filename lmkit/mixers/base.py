@@ -8,6 +8,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from lmkit.flops import linear_flops
+
 
 class Cache(Protocol):
     """Decoding state of one mixer layer; owned by the caller, one per layer."""
@@ -73,6 +75,15 @@ class Mixer(nn.Module):
     def state_size(self, seq_len: int) -> int:  # pragma: no cover
         """Numbers held in the cache after seq_len tokens (for reports)."""
         raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token on a causal window of seq_len tokens: the projections (every
+        nn.Linear inside) plus the token mixing (see lmkit.flops for the conventions)."""
+        return linear_flops(self) + self.mixing_flops(seq_len)
+
+    def mixing_flops(self, seq_len: int) -> float:  # pragma: no cover
+        """Forward FLOPs per token of the mixing itself (scores, state updates, scans)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its FLOPs yet")
 
 
 def check_heads(d_model: int, num_heads: int) -> int:

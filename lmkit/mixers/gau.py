@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer
 from lmkit.model.rotary import RotaryEmbedding
 
@@ -240,6 +241,16 @@ class GAU(Mixer):
             k_lin=torch.zeros(B, C, s, device=device, dtype=dtype),
             v=torch.zeros(B, C, e, device=device, dtype=dtype),
         )
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """relu^2 attention over the causal keys: 2 (s + e) per key, (T + 1) / 2 keys per query
+        (within a chunk of C for the mixed-chunk form, which adds K_lin^T V to the state and
+        Q_lin times the state: 2 s e each per token)."""
+        s, e = self.qk_dim, self.value_dim
+        if self.chunk_size is None:
+            return 2 * (s + e) * mean_causal_keys(seq_len)
+        local = 2 * (s + e) * mean_causal_keys(min(self.chunk_size, seq_len))
+        return local + 4 * s * e
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held in the cache after seq_len tokens: keys and values of every token

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.feature_maps import FEATURE_MAPS
 from lmkit.model.rotary import RotaryEmbedding
@@ -224,6 +225,21 @@ class LinearAttention(Mixer):
             state=torch.zeros(*shape, self.head_dim, device=device, dtype=dtype),
             norm=torch.zeros(shape, device=device, dtype=dtype),
         )
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """Per head, with Dk features and Dv values (+1 column for the normaliser): the chunk
+        form's causal scores and their values within chunks of C (2 (Dk + Dv) per key, (C + 1) / 2
+        keys), plus k^T v into the chunk state and q times the state (2 Dk Dv each); the
+        quadratic form's scores over (T + 1) / 2 keys; the recurrent form's 4 Dk Dv per token."""
+        dk, dv = self.feature_dim, self.head_dim + int(self.normalize)
+        if self.mode == "recurrent":
+            per_head = 4 * dk * dv
+        elif self.mode == "quadratic":
+            per_head = 2 * (dk + dv) * mean_causal_keys(seq_len) + 2 * dk * dv
+        else:
+            chunk = min(self.chunk_size, seq_len)
+            per_head = 2 * (dk + dv) * mean_causal_keys(chunk) + 4 * dk * dv
+        return self.num_heads * per_head
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held in the cache, whatever seq_len: H * Dk * Dv (+ H * Dk normaliser)."""

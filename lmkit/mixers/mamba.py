@@ -123,6 +123,9 @@ class Mamba(Mixer):
 
     def _conv(self, u: Tensor, cache: MambaCache | None) -> Tensor:
         """Causal depthwise conv over time: u [B, d_inner, T] -> [B, d_inner, T]."""
+        if cache is None and u.is_cuda and _conv_kernel() is not None:
+            weight = self.conv1d.weight.squeeze(1)  # [d_inner, d_conv]
+            return _conv_kernel()(u.contiguous(), weight, self.conv1d.bias, activation=None)
         if cache is None:
             past = u.new_zeros(*u.shape[:2], self.d_conv - 1)
         else:
@@ -166,9 +169,27 @@ class Mamba(Mixer):
             ),
         )
 
+    def mixing_flops(self, seq_len: int) -> float:
+        """The depthwise causal conv (2 d_conv per channel) and the selective scan per channel
+        and state: h = exp(dt A) h + dt B x (4 FLOPs: the products and the add) and y = C h
+        (2 FLOPs). Elementwise work, but it is Mamba's token mixing, so it is counted."""
+        return 2 * self.d_conv * self.d_inner + 6 * self.d_inner * self.d_state
+
     def state_size(self, seq_len: int) -> int:
         """Numbers held in the cache: conv inputs and the SSM state, whatever seq_len."""
         return self.d_inner * (self.d_conv - 1 + self.d_state)
+
+
+@functools.cache
+def _conv_kernel():
+    """causal-conv1d's fused causal depthwise conv if it imports (looked up once), else None."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except (ImportError, OSError) as err:
+        log.info("causal_conv1d CUDA kernel unavailable (%s); using nn.Conv1d", err)
+        return None
+    log.info("Mamba conv: using the causal_conv1d CUDA kernel")
+    return causal_conv1d_fn
 
 
 @functools.cache

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer, TreeStep, check_heads, merge_heads, split_heads
 from lmkit.mixers.tiled_attention import tiled_attention
 from lmkit.model.rotary import RotaryEmbedding
@@ -170,3 +171,8 @@ class SoftmaxAttention(Mixer):
     def state_size(self, seq_len: int) -> int:
         """Numbers held in the cache after seq_len tokens: keys and values of every head."""
         return 2 * self.num_heads * seq_len * self.head_dim
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """q k^T and p v over the causal keys: 2 x 2 d per key, (T + 1) / 2 keys per query.
+        The same for every backend (naive computes the masked half too; that is waste)."""
+        return 4 * self.d_model * mean_causal_keys(seq_len)

@@ -315,6 +315,19 @@ class SparseAttention(Mixer):
             summary=self.summary,
         )
 
+    def mixing_flops(self, seq_len: int) -> float:
+        """q k^T and p v over the keys the pattern allows (4 d per key and query, counted from
+        the mask itself), not over whole blocks: the useful work, as for dense attention."""
+        pos = torch.arange(seq_len)
+        opts = dict(pattern=self.pattern, window=self.window, stride=self.stride)
+        allowed = 0  # (head, query, key) triples the heads attend
+        for h0, h1, part, _ in self.groups:
+            for r0 in range(0, seq_len, 1024):  # rows in slices: T x T bools would be large
+                rows = pos[r0 : r0 + 1024, None]
+                mask = pattern_mask(rows, pos[None], summary=self.summary, part=part, **opts)
+                allowed += (h1 - h0) * int(mask.sum())
+        return 4 * self.head_dim * allowed / seq_len
+
     def state_size(self, seq_len: int) -> int:
         """Numbers held in a default cache after seq_len tokens (keys and values of every head)."""
         reach = self._reach()

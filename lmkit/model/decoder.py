@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lmkit.flops import linear_flops, train_flops
 from lmkit.mixers.base import Cache, Mixer, TreeStep
 from lmkit.model.block import Block
 from lmkit.model.embeddings import Embedding
@@ -167,12 +168,18 @@ class DecoderLM(nn.Module):
             n -= sum(p.numel() for p in self.embedding.parameters())
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 N for the matrices + 12 L D T for attention scores
-        (Kaplan et al., 2020; PaLM appendix B). An estimate: non-softmax mixers differ."""
-        return (
-            6 * self.num_params(non_embedding=True) + 12 * self.num_layers * self.d_model * seq_len
-        )
+    def flops_per_token(self, seq_len: int) -> dict[str, float]:
+        """Model FLOPs per token of a forward pass over seq_len tokens, by part: "mixer" (each
+        mixer's projections and mixing), "mlp", "head" (LM head), "medusa" (its heads, when
+        present); "forward" is their sum and "train" = 3 x forward (lmkit.flops: conventions)."""
+        parts = {
+            "mixer": sum(block.mixer.flops_per_token(seq_len) for block in self.blocks),
+            "mlp": sum(linear_flops(block.mlp) for block in self.blocks),
+            "head": linear_flops(self.head),
+            "medusa": linear_flops(self.medusa),
+        }
+        forward = sum(parts.values())
+        return {**parts, "forward": forward, "train": train_flops(forward)}
 
     @torch.no_grad()
     def generate(
