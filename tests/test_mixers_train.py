@@ -38,3 +38,17 @@ def test_tiny_model_learns_tiny_shakespeare(mixer, unigram_loss, tmp_path):
     results = train(cfg)
     print(f"{mixer}: val loss {results['val_loss']:.3f}, unigram {unigram_loss:.3f}")
     assert results["val_loss"] < unigram_loss - 0.4, (results["val_loss"], unigram_loss)
+
+
+@pytest.mark.parametrize("upsample", ["linear", "attention"])
+def test_tiny_hourglass_learns_tiny_shakespeare(upsample, unigram_loss, tmp_path):
+    cfg = compose_config(
+        "model=hourglass",
+        f"model.upsample={upsample}",
+        "model.num_layers=4",
+        *SHORT_RUN,
+        run_dir=tmp_path / "run",
+    )
+    results = train(cfg)
+    print(f"hourglass ({upsample}): val loss {results['val_loss']:.3f}, unigram {unigram_loss:.3f}")
+    assert results["val_loss"] < unigram_loss - 0.4, (results["val_loss"], unigram_loss)
