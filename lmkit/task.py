@@ -9,6 +9,7 @@ from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor, nn
 
 from lmkit.callbacks import DivergenceError, divergence_message
@@ -40,11 +41,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_ratio."""
+def warmup_cosine(
+    step: int,
+    *,
+    warmup_steps: int,
+    max_steps: int,
+    min_ratio: float,
+    time_fraction: Callable[[], float] | None = None,
+) -> float:
+    """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_ratio.
+
+    The decay follows whichever budget binds: steps (progress through max_steps; none when
+    max_steps is -1) or time (`time_fraction()`, the share of trainer.max_time spent), so a run
+    stopped by its time budget ends at the floor instead of being cut off mid-schedule.
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = 0.0
+    if max_steps > 0:
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if time_fraction is not None:
+        progress = max(progress, time_fraction())
+    progress = min(1.0, progress)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -75,8 +93,8 @@ class LanguageModelTask(L.LightningModule):
         lr = getattr(optimizer, "keywords", {}).get("lr")
         if lr is not None and lr <= 0:
             raise ValueError(f"optim.optimizer.lr={lr} must be positive")
-        if max_steps < 1:
-            raise ValueError(f"trainer.max_steps={max_steps} must be >= 1")
+        if max_steps < 1 and max_steps != -1:
+            raise ValueError(f"trainer.max_steps={max_steps} must be >= 1 (or -1 with max_time)")
         if warmup_steps < 0 or min_lr < 0 or weight_decay < 0:
             raise ValueError("optim.warmup_steps, optim.min_lr and optim.weight_decay must be >= 0")
         self.model, self.optimizer_factory = model, optimizer
@@ -202,12 +220,29 @@ class LanguageModelTask(L.LightningModule):
             warmup_steps=self.warmup_steps,
             max_steps=self.max_steps,
             min_ratio=min_ratio,
+            time_fraction=self._time_fraction if self._time_budget() else None,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def _time_budget(self) -> Timer | None:
+        """Lightning's Timer of trainer.max_time (the clock that stops the run), if any."""
+        trainer = self._trainer
+        callbacks = trainer.callbacks if trainer is not None else []
+        timer = next((c for c in callbacks if isinstance(c, Timer)), None)
+        return timer if timer is not None and timer.time_remaining() is not None else None
+
+    def _time_fraction(self) -> float:
+        """Share of trainer.max_time spent (training time, validation included; restored on
+        resume from the checkpoint's Timer state)."""
+        timer = self._time_budget()
+        if timer is None:
+            return 0.0
+        elapsed = timer.time_elapsed()
+        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
 
     # ---- evaluation: sums over the whole split, reduced across ranks -------------------
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:

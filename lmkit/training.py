@@ -336,6 +336,11 @@ def train(cfg: DictConfig) -> dict:
     check_run_dir(run_dir)
     check_model_config(cfg)  # fail fast on sizes and options, before any data work
     apply_runtime_settings(cfg)
+    if cfg.trainer.max_steps == -1 and not cfg.trainer.get("max_time"):
+        raise ValueError(
+            "trainer.max_steps=-1 sets no step limit; give a time budget "
+            "(trainer.max_time=00:00:15:00) or a number of steps"
+        )
     check_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
     # The checkpoint to continue: it exists, is lmkit's and holds the same model and data.
     ckpt_path, resumed_step = resume_checkpoint(cfg, run_dir)

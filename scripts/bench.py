@@ -134,6 +134,9 @@ def bench(cfg: DictConfig) -> None:
     options = dict(cfg.model.mixer)
     shown = ("backend", "mode", "pattern", "scan", "chunk_size", "window")
     label = " ".join([mixer, *(f"{k}={options[k]}" for k in shown if k in options)])
+    if cfg.model._target_.endswith("HourglassLM"):
+        m = cfg.model
+        label = f"hourglass shorten={list(m.shorten)} {m.downsample}/{m.upsample} of {label}"
     if "train" in b.what:
         saved["train"] = train_figures(cfg, console, label)
     if "layer" in b.what:

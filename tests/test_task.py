@@ -76,6 +76,22 @@ def test_warmup_then_cosine_to_floor():
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
 
 
+def test_the_cosine_follows_whichever_budget_binds():
+    spent = [0.0]
+    f = functools.partial(
+        warmup_cosine, warmup_steps=10, max_steps=110, min_ratio=0.1, time_fraction=lambda: spent[0]
+    )
+    assert f(60) == pytest.approx(0.55)  # half the steps, no time spent: the step schedule
+    spent[0] = 0.75  # three quarters of the time budget: time binds
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.75)))
+    spent[0] = 1.0
+    assert f(11) == pytest.approx(0.1)  # the deadline: at the floor whatever the step
+    time_only = functools.partial(
+        warmup_cosine, warmup_steps=10, max_steps=-1, min_ratio=0.1, time_fraction=lambda: 0.5
+    )
+    assert time_only(5) == pytest.approx(0.6) and time_only(10**6) == pytest.approx(0.55)
+
+
 def test_bf16_autocast_loss_matches_fp32():
     model = tiny_model()
     x = torch.randint(0, 40, (4, 32))

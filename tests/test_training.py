@@ -96,3 +96,32 @@ def test_precision_auto_follows_the_device(monkeypatch):
     assert training.resolve_precision("auto", "cpu") == "32-true"
     assert training.resolve_precision("32-true", "gpu") == "32-true"  # explicit choices stay
     assert training.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
+    import csv
+
+    cfg = compose_config(
+        "trainer.max_steps=-1",
+        "trainer.max_time=00:00:00:04",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=50",
+        "ngram.enabled=false",
+        "optim.warmup_steps=2",
+        run_dir=tmp_path,
+    )
+    results = train(cfg)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("lr")]
+    steps = int(rows[-1]["step"])
+    assert steps >= 5  # max_steps=-1: only the clock stopped it
+    peak, floor = cfg.optim.optimizer.lr, cfg.optim.min_lr
+    lrs = [float(r["lr"]) for r in rows]
+    assert max(lrs) > floor + 0.9 * (peak - floor)  # it went up ...
+    assert lrs[-1] < floor + 0.1 * (peak - floor)  # ... and ended decayed to the floor
+    assert results["fit_val_s"] > 0 and results["final_eval_s"] > 0 and "val_loss" in results
+
+
+def test_no_step_limit_needs_a_time_budget(tmp_path):
+    with pytest.raises(ValueError, match="max_steps=-1 sets no step limit"):
+        train(compose_config("trainer.max_steps=-1", run_dir=tmp_path))
