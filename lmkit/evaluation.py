@@ -69,10 +69,11 @@ def evaluate_checkpoint(
     import lightning as L
 
     from lmkit.checkpoint import restore
-    from lmkit.training import build_datamodule, build_task
+    from lmkit.training import apply_runtime_settings, build_datamodule, build_task
 
     restored = restore(path)
     cfg = restored.config
+    apply_runtime_settings(cfg)  # the matmul precision and threads training ran with
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
     if datamodule.tokenizer.to_json() != restored.tokenizer.to_json():

@@ -10,6 +10,7 @@ from functools import partial
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from lmkit.callbacks import DivergenceError, divergence_message
@@ -52,8 +53,9 @@ def warmup_cosine(
     """LR multiplier: linear warmup to 1 over warmup_steps, then cosine decay to min_ratio.
 
     The decay follows whichever budget binds: steps (progress through max_steps; none when
-    max_steps is -1) or time (`time_fraction()`, the share of trainer.max_time spent), so a run
-    stopped by its time budget ends at the floor instead of being cut off mid-schedule.
+    max_steps is -1) or time (`time_fraction()`, the share of the time between the end of
+    warmup and trainer.max_time spent), so a run stopped by its time budget ends at the floor
+    instead of being cut off mid-schedule.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -113,6 +115,8 @@ class LanguageModelTask(L.LightningModule):
         self._val_start = 0.0
         self.fit_val_seconds = 0.0  # spent validating during fit
         self.last_val: dict | None = None  # the metrics (and step) of the last validation in fit
+        self._timer: Timer | None = None  # trainer.max_time's clock (found on first use)
+        self._warmup_end_s: float | None = None  # its reading when warmup ended
         self.step_times: list[float] = []
         # Medusa heads (model.medusa): head k's loss weighs decay^k; joint adds the LM loss
         self.medusa_loss_decay, self.medusa_joint = medusa_loss_decay, medusa_joint
@@ -171,15 +175,21 @@ class LanguageModelTask(L.LightningModule):
     ) -> None:
         """One pass over the gradients per step: their total norm (a foreach kernel) is checked
         for divergence before the update, logged, and reused to clip (Lightning's own clipping
-        would compute it again)."""
+        would compute it again). Only where every rank holds whole gradients (one device, DDP
+        after its all-reduce, so all ranks decide alike); sharded strategies (FSDP) keep
+        Lightning's own strategy-aware clipping."""
+        if not isinstance(self.trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            return super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(
                 f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}; lmkit clips by norm"
             )
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
             return
-        norm = torch.nn.utils.get_total_norm(grads)  # before clipping: the raw gradient's size
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # the raw gradient's size
         # 16-mixed: the grad scaler skips overflowing steps itself (DivergenceGuard watches the
         # loss there). Elsewhere a non-finite norm must stop the run before the update.
         if self.trainer.precision != "16-mixed" and not torch.isfinite(norm):
@@ -187,7 +197,7 @@ class LanguageModelTask(L.LightningModule):
         if self._logging_step():
             self.log("grad_norm", norm)
         if gradient_clip_val:
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.weight_decay)
@@ -236,13 +246,21 @@ class LanguageModelTask(L.LightningModule):
         return timer if timer is not None and timer.time_remaining() is not None else None
 
     def _time_fraction(self) -> float:
-        """Share of trainer.max_time spent (training time, validation included; restored on
-        resume from the checkpoint's Timer state)."""
-        timer = self._time_budget()
-        if timer is None:
+        """Share of the decay's time spent: from the end of warmup to trainer.max_time (so the
+        peak learning rate is where warmup left it). warmup_cosine calls this only after
+        warmup; the first call marks its end. The Timer's clock counts validation and is
+        restored on resume (the warmup mark travels in the checkpoint); under DDP rank 0's
+        fraction is used by all, so every rank steps with the same learning rate."""
+        if self._timer is None:
+            self._timer = self._time_budget()
+        if self._timer is None:
             return 0.0
-        elapsed = timer.time_elapsed()
-        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
+        elapsed = self._timer.time_elapsed()
+        budget = elapsed + self._timer.time_remaining()
+        if self._warmup_end_s is None:
+            self._warmup_end_s = elapsed
+        fraction = (elapsed - self._warmup_end_s) / max(budget - self._warmup_end_s, 1e-9)
+        return float(self.trainer.strategy.broadcast(fraction))
 
     # ---- evaluation: sums over the whole split, reduced across ranks -------------------
     def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
@@ -276,7 +294,8 @@ class LanguageModelTask(L.LightningModule):
                 metrics[f"medusa{k}_acc"] = hits / max(scored, 1.0)
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", rank_zero_only=False)
-        if prefix == "val" and self._fit_start is not None and self.trainer.state.fn == "fit":
+        in_fit = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if prefix == "val" and self._fit_start is not None and in_fit:
             # wall time since fit started (this attempt), for loss-against-time curves
             self.log("val/elapsed_s", time.perf_counter() - self._fit_start, rank_zero_only=False)
             self.last_val = {"step": self.trainer.global_step, **metrics}
@@ -289,7 +308,8 @@ class LanguageModelTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val")
-        if self.trainer.state.fn == "fit":  # time validation took out of the training run
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            # the time validation took out of the training run
             self.fit_val_seconds += time.perf_counter() - self._val_start
 
     def test_step(self, batch, batch_idx: int) -> None:
@@ -301,12 +321,14 @@ class LanguageModelTask(L.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lmkit"] = self.checkpoint_extras
+        checkpoint["lmkit_schedule"] = {"warmup_end_s": self._warmup_end_s}
         # Dropout draws from torch's global generator: restore it for an exact resume.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._warmup_end_s = checkpoint.get("lmkit_schedule", {}).get("warmup_end_s")
         rng = checkpoint.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])

@@ -60,6 +60,8 @@ class CompileOrEager:
         self.compiled: Callable | None = torch.compile(forward)
 
     def __call__(self, *args, **kwargs):
+        if len(args) > 1 or kwargs.get("caches") is not None:
+            return self.eager(*args, **kwargs)  # decoding with caches: shapes change every call
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
@@ -75,8 +77,9 @@ class CompileOrEager:
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """Compile the model's forward in place (parameter names and checkpoints are unchanged;
-    decoding with caches goes through hidden_states and stays eager)."""
+    """Compile the model's forward in place (parameter names and checkpoints are unchanged).
+    Calls with caches (decoding) stay eager. Medusa training reads hidden_states, so it runs
+    eager too: compile speeds up the plain LM forward only."""
     model.forward = CompileOrEager(model.forward)
     log.info("model.compile=true: the training forward is compiled on its first call")
     return model

@@ -43,7 +43,14 @@ from lmkit.bench import (
 from lmkit.cli import run_cli
 from lmkit.training import apply_runtime_settings, build_model, peak_memory_mb
 
-PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def mfu_basis(precision: str) -> str:
+    """The dtype the matmuls run in under this precision: MFU's denominator."""
+    if precision.startswith("bf16"):
+        return "bf16"
+    return "fp16" if precision.startswith("16") else "fp32"
 
 
 def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
@@ -66,12 +73,13 @@ def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
     flops = model.flops_per_token(cfg.data.block_size)
     rows = cfg.data.batch_size * cfg.data.block_size
     shapes = gemm_shapes(model, rows)
+    basis = mfu_basis(precision)  # MFU against the peak of the dtype the matmuls run in
+    wanted = {"fp32", "bf16", basis}  # fp16 only where it runs (16-mixed needs a GPU)
     peaks = {
         name: matmul_peak(shapes, dtype, b.device, seconds=b.peak_seconds)
         for name, dtype in PEAK_DTYPES.items()
+        if name in wanted
     }
-    # MFU against the peak of the dtype the matmuls run in: bf16 under bf16 autocast
-    basis = "bf16" if precision.startswith("bf16") else "fp32"
     for run in runs.values():
         run["flops_per_s"] = flops["train"] * run["tokens_per_s"]
         run["mfu"] = run["flops_per_s"] / peaks[basis]["flops_per_s"]
@@ -103,7 +111,7 @@ def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
             f"matmul peak {name}: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s "
             f"(best of the model's {len(shapes)} GEMM shapes: {m}x{k} @ {k}x{n})"
         )
-    console.print(f"peak memory {peak_mb:,.0f} MiB")
+    console.print(f"peak memory of the bench process (all paths and rounds): {peak_mb:,.0f} MiB")
     figures = {
         **runs,
         "precision": precision,

@@ -30,6 +30,9 @@ def test_sdpa_dispatches_to_the_flash_kernel_in_bf16():
 
 @pytest.mark.skipif(not importlib.util.find_spec("mamba_ssm"), reason="needs mamba_ssm")
 def test_mamba_uses_the_fused_kernels_and_matches_the_pytorch_scan():
+    from lmkit.mixers.mamba import _cuda_kernel
+
+    assert _cuda_kernel() is not None, "mamba_ssm is installed but its kernel did not load"
     torch.manual_seed(0)
     fused = Mamba(64, scan="parallel").cuda()
     reference = Mamba(64, scan="sequential").cuda()
@@ -40,6 +43,9 @@ def test_mamba_uses_the_fused_kernels_and_matches_the_pytorch_scan():
 
 @pytest.mark.skipif(not importlib.util.find_spec("causal_conv1d"), reason="needs causal_conv1d")
 def test_causal_conv1d_kernel_matches_nn_conv1d():
+    from lmkit.mixers.mamba import _conv_kernel
+
+    assert _conv_kernel() is not None, "causal_conv1d is installed but its kernel did not load"
     mixer = Mamba(64).cuda()
     u = torch.randn(2, mixer.d_inner, 50, device="cuda")
     cache = mixer.init_cache(2, 50)  # the cached path always uses the PyTorch conv

@@ -113,3 +113,11 @@ def test_task_refuses_bad_optimisation_settings():
         LanguageModelTask(
             tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), max_steps=0
         )
+
+
+def test_adamw_is_fused_on_cuda_only(monkeypatch):
+    task = LanguageModelTask(tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    assert not task.configure_optimizers()["optimizer"].defaults.get("fused")  # CPU: torch's loop
+    monkeypatch.setattr(LanguageModelTask, "device", property(lambda self: torch.device("cuda")))
+    # (torch's fused AdamW also runs on CPU tensors, so the choice shows on this machine)
+    assert task.configure_optimizers()["optimizer"].defaults["fused"] is True

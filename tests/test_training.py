@@ -125,3 +125,49 @@ def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
 def test_no_step_limit_needs_a_time_budget(tmp_path):
     with pytest.raises(ValueError, match="max_steps=-1 sets no step limit"):
         train(compose_config("trainer.max_steps=-1", run_dir=tmp_path))
+
+
+def test_precision_auto_on_gpus(monkeypatch):
+    from lmkit import training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert training.resolve_precision("auto", "gpu") == "bf16-mixed"
+    assert training.resolve_precision("auto", "auto") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert training.resolve_precision("auto", "gpu") == "16-mixed"  # pre-Ampere
+
+
+def test_runtime_settings_resolve_into_the_config(monkeypatch):
+    from lmkit import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    before = torch.get_float32_matmul_precision()
+    cfg = compose_config("trainer.precision=auto", "float32_matmul_precision=high")
+    try:
+        training.apply_runtime_settings(cfg)
+        assert cfg.trainer.precision == "32-true"  # what ran is what the checkpoint records
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_final_validation_reuses_fits_last_one(tmp_path, monkeypatch):
+    from lmkit.task import LanguageModelTask
+
+    passes = []
+    original = LanguageModelTask.on_validation_epoch_end
+
+    def counted(self):
+        passes.append(self.trainer.state.fn)
+        original(self)
+
+    monkeypatch.setattr(LanguageModelTask, "on_validation_epoch_end", counted)
+    # max_steps 20, validation every 10: fit validates at 10 and at 20, the final weights
+    results = train(compose_config("ngram.enabled=false", run_dir=tmp_path))
+    assert passes == ["fit", "fit"]  # no third pass over val after fit
+    with open(tmp_path / "metrics.csv") as f:
+        import csv
+
+        logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    assert results["val_loss"] == pytest.approx(logged[-1])

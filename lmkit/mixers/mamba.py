@@ -123,7 +123,8 @@ class Mamba(Mixer):
 
     def _conv(self, u: Tensor, cache: MambaCache | None) -> Tensor:
         """Causal depthwise conv over time: u [B, d_inner, T] -> [B, d_inner, T]."""
-        if cache is None and u.is_cuda and _conv_kernel() is not None:
+        fused = cache is None and u.is_cuda and 2 <= self.d_conv <= 4  # the kernel's widths
+        if fused and _conv_kernel() is not None:
             weight = self.conv1d.weight.squeeze(1)  # [d_inner, d_conv]
             return _conv_kernel()(u.contiguous(), weight, self.conv1d.bias, activation=None)
         if cache is None:
@@ -171,9 +172,10 @@ class Mamba(Mixer):
 
     def mixing_flops(self, seq_len: int) -> float:
         """The depthwise causal conv (2 d_conv per channel) and the selective scan per channel
-        and state: h = exp(dt A) h + dt B x (4 FLOPs: the products and the add) and y = C h
-        (2 FLOPs). Elementwise work, but it is Mamba's token mixing, so it is counted."""
-        return 2 * self.d_conv * self.d_inner + 6 * self.d_inner * self.d_state
+        and state: h = exp(dt A) h + (dt B) x (5 FLOPs: dt A, its product with h, dt B, its
+        product with x, the add; the exp is not counted) and y = C h (2 FLOPs). Elementwise
+        work, but it is Mamba's token mixing, so it is counted."""
+        return 2 * self.d_conv * self.d_inner + 7 * self.d_inner * self.d_state
 
     def state_size(self, seq_len: int) -> int:
         """Numbers held in the cache: conv inputs and the SSM state, whatever seq_len."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,28 @@ COMBINES = ("union", "split")
 BACKENDS = ("block_sparse", "dense_reference")
 ROLLBACK = 64  # default tokens a cache can crop back beyond the window (a Medusa tree's size)
 MAX_GATHER = 256  # query rows per gathered chunk while decoding (bounds the gathered keys)
+
+
+@functools.lru_cache(maxsize=64)
+def allowed_pairs(
+    pattern: str, window: int, stride: int, summary: int, part: str, seq_len: int
+) -> int:
+    """(query, key) pairs a pattern allows in a causal window of seq_len (the same for every
+    layer of a model, so counted once)."""
+    pos, pairs = torch.arange(seq_len), 0
+    for r0 in range(0, seq_len, 1024):  # rows in slices: T x T bools would be large
+        rows = pos[r0 : r0 + 1024, None]
+        mask = pattern_mask(
+            rows,
+            pos[None],
+            pattern=pattern,
+            window=window,
+            stride=stride,
+            summary=summary,
+            part=part,
+        )
+        pairs += int(mask.sum())
+    return pairs
 
 
 def pattern_mask(
@@ -318,14 +341,10 @@ class SparseAttention(Mixer):
     def mixing_flops(self, seq_len: int) -> float:
         """q k^T and p v over the keys the pattern allows (4 d per key and query, counted from
         the mask itself), not over whole blocks: the useful work, as for dense attention."""
-        pos = torch.arange(seq_len)
-        opts = dict(pattern=self.pattern, window=self.window, stride=self.stride)
-        allowed = 0  # (head, query, key) triples the heads attend
-        for h0, h1, part, _ in self.groups:
-            for r0 in range(0, seq_len, 1024):  # rows in slices: T x T bools would be large
-                rows = pos[r0 : r0 + 1024, None]
-                mask = pattern_mask(rows, pos[None], summary=self.summary, part=part, **opts)
-                allowed += (h1 - h0) * int(mask.sum())
+        pattern = (self.pattern, self.window, self.stride, self.summary)
+        allowed = sum(  # (head, query, key) triples the heads attend
+            (h1 - h0) * allowed_pairs(*pattern, part, seq_len) for h0, h1, part, _ in self.groups
+        )
         return 4 * self.head_dim * allowed / seq_len
 
     def state_size(self, seq_len: int) -> int:

@@ -23,12 +23,6 @@ class HourglassCaches(list):
     def length(self) -> int:
         return self.levels[0].position
 
-    def select(self, rows: Tensor) -> None:
-        for cache in self:
-            cache.select(rows)
-        for state in self.levels:
-            state.select(rows)
-
 
 class HourglassLM(DecoderLM):
     """Pre-layers at full length, shorten by k, the middle layers on T / k vectors (recursively
@@ -85,8 +79,11 @@ class HourglassLM(DecoderLM):
         return False
 
     def _level_blocks(self, level: int) -> tuple[range, range]:
-        """Indices of the blocks before and after shortening level `level`."""
+        """Indices of the blocks before and after shortening level `level`; the middle (level
+        = number of levels) has them all in the first range and none in the second."""
         o, n = self.outer_blocks, len(self.blocks)
+        if level == len(self.shorten_factors):
+            return range(o * level, n - o * level), range(0)
         return range(level * o, (level + 1) * o), range(n - (level + 1) * o, n - level * o)
 
     def hidden_states(
@@ -108,10 +105,9 @@ class HourglassLM(DecoderLM):
                 x = self.blocks[i](x, caches[i] if caches is not None else None)
             return x
 
-        if level == len(self.shorten_factors):  # the middle, on the shortest sequence
-            o = self.outer_blocks * level
-            return blocks(range(o, len(self.blocks) - o), x)
         before, after = self._level_blocks(level)
+        if level == len(self.shorten_factors):  # the middle, on the shortest sequence
+            return blocks(before, x)
         state = caches.levels[level] if caches is not None else ResampleState()
         x = blocks(before, x)
         short = self.shortens[level](x, state)
@@ -130,12 +126,8 @@ class HourglassLM(DecoderLM):
         rate, length = 1, seq_len
         levels = len(self.shorten_factors)
         for level in range(levels + 1):
-            if level < levels:
-                indices = [*self._level_blocks(level)[0], *self._level_blocks(level)[1]]
-            else:
-                o = self.outer_blocks * levels
-                indices = list(range(o, len(self.blocks) - o))
-            for i in indices:
+            before, after = self._level_blocks(level)
+            for i in (*before, *after):
                 mixer += self.blocks[i].mixer.flops_per_token(length) / rate
                 mlp += linear_flops(self.blocks[i].mlp) / rate
             if level < levels:

@@ -6,14 +6,15 @@ the tokens at positions g k - k + 1 .. g k (zeros before the start) and serves p
 g k .. g k + k - 1 only. Without the shift, position g k would see up to k - 1 future tokens.
 
 Every function takes a `ResampleState`: the position reached, the last k - 1 full-resolution
-vectors and the last short output. Training passes a fresh state (position 0); decoding keeps
-one per level in the caches, so a short vector is made once every k tokens, when its last token
-(position g k) arrives, and serves the k - 1 tokens after it. One code path for both.
+vectors and the upsampled vectors of the current group. Training passes a fresh state
+(position 0); decoding keeps one per level in the caches, so a short vector is made once every
+k tokens, when its last token (position g k) arrives, and serves the k - 1 tokens after it. One
+code path for both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,9 @@ class ResampleState:
 
     position: int = 0  # full-resolution tokens seen so far
     tail: Tensor | None = None  # [B, k - 1, D] the last k - 1 vectors before this call
-    last_short: Tensor | None = None  # [B, 1, D] the short output serving the current group
-    keys: list[Tensor] = field(default_factory=list)  # attention upsampling: [B, H, g, Dh]
-    values: list[Tensor] = field(default_factory=list)
-
-    def select(self, rows: Tensor) -> None:
-        for name in ("tail", "last_short"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[rows])
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+    last_group: Tensor | None = None  # [B, k, D] the upsampled vectors of the current group
+    keys: Tensor | None = None  # attention upsampling: [B, H, g, Dh] of every short vector
+    values: Tensor | None = None
 
 
 class Shorten(nn.Module):
@@ -116,32 +110,31 @@ class Upsample(nn.Module):
         short vectors Shorten made from it -> [B, T, D]. Advances state.position by T."""
         B, T, D = residual.shape
         k, p = self.factor, state.position
-        # the short vectors serving positions p .. p + T - 1: the last one's group, then the new
-        have = (
-            short
-            if p % k == 0 or state.last_short is None
-            else torch.cat([state.last_short, short], 1)
-        )
-        first = p // k  # the group of position p is have[:, 0]
+        # k vectors per new short vector, each made once
         if self.method == "linear":
-            per_position = self.proj(have).view(B, -1, D)  # [B, k n, D], the 1-D PixelShuffle
+            per_position = self.proj(short).view(B, -1, D)  # [B, k n, D], the 1-D PixelShuffle
         else:
-            per_position = have.repeat_interleave(k, dim=1)  # [B, k n, D]
-        offset = p - first * k
+            per_position = short.repeat_interleave(k, dim=1)  # [B, k n, D]
+        if p % k:  # p continues the group of an earlier short vector: its k vectors come first
+            per_position = torch.cat([state.last_group, per_position], dim=1)
+        offset = p % k  # per_position starts at position p - p % k
         up = per_position[:, offset : offset + T] + residual
         if self.method == "attention":
             up = up + self._attend(up, short, state)
-        state.last_short = have[:, -1:]
+        state.last_group = per_position[:, per_position.shape[1] - k :]
         state.position = p + T
         return up
 
     def _attend(self, up: Tensor, short: Tensor, state: ResampleState) -> Tensor:
         if short.shape[1]:  # the short vectors completed by this call join the keys
-            k_new, v_new = self.kv_proj(self.key_norm(short)).chunk(2, dim=-1)
-            state.keys.append(split_heads(k_new, self.num_heads))  # [B, H, n, Dh]
-            state.values.append(split_heads(v_new, self.num_heads))
-        keys, values = torch.cat(state.keys, dim=2), torch.cat(state.values, dim=2)
-        state.keys, state.values = [keys], [values]
+            k_new, v_new = (
+                split_heads(t, self.num_heads)  # [B, H, n, Dh]
+                for t in self.kv_proj(self.key_norm(short)).chunk(2, dim=-1)
+            )
+            first = state.keys is None
+            state.keys = k_new if first else torch.cat([state.keys, k_new], dim=2)
+            state.values = v_new if first else torch.cat([state.values, v_new], dim=2)
+        keys, values = state.keys, state.values
         T, G = up.shape[1], keys.shape[2]
         positions = torch.arange(state.position, state.position + T, device=up.device)
         visible = torch.arange(G, device=up.device)[None, :] <= (positions // self.factor)[:, None]
