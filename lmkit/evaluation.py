@@ -50,6 +50,21 @@ def summarize(
     return metrics
 
 
+def count_words(text: str) -> int:
+    """Words as the word-level literature counts them (WikiText's perplexities): whitespace
+    tokens plus one end-of-line per line (the `\\n` that lmkit's word tokenizer scores as
+    <eos>)."""
+    return len(text.split()) + text.count("\n")
+
+
+def word_perplexity(nll_sum: float, words: int) -> float:
+    """exp(total NLL / words): the perplexity per word of any tokenization (chars, BPE, words),
+    comparable across tokenizers on the same text."""
+    if words <= 0:
+        raise ValueError("the split has no words to normalize by")
+    return math.exp(min(nll_sum / words, 700.0))
+
+
 def as_tensor(values: list[float] | Tensor) -> Tensor:
     return values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.float64)
 

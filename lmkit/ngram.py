@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmkit.data.corpora import cache_root
-from lmkit.evaluation import summarize
+from lmkit.evaluation import summarize, word_perplexity
 
 if TYPE_CHECKING:
     from lmkit.data.datamodule import TextDataModule
@@ -368,7 +368,7 @@ def baseline_metrics(
     if use_cache:
         cached = _read_cached_metrics(path)
         if cached is not None:
-            return {**cached, "cached": True}
+            return _with_word_ppl({**cached, "cached": True}, datamodule)
 
     train = np.asarray(datamodule.ids["train"])
     started = time.perf_counter()
@@ -392,7 +392,20 @@ def baseline_metrics(
         summary = summarize(-float(logp.sum()), logp.size, datamodule.scored_bytes(split))
         metrics[split] = {**summary, "tokens": int(logp.size), "score_s": seconds}
     lm.save(path, metrics=np.array(json.dumps(metrics)))
-    return {**metrics, "cached": False}
+    return _with_word_ppl({**metrics, "cached": False}, datamodule)
+
+
+def _with_word_ppl(metrics: dict[str, Any], datamodule) -> dict[str, Any]:
+    """Each scored split's perplexity per word (total NLL / words), where the data counts words."""
+    counts = datamodule.word_counts() if hasattr(datamodule, "word_counts") else {}
+    for split, counts_of in counts.items():
+        if isinstance(metrics.get(split), dict):
+            nll_sum = metrics[split]["loss"] * metrics[split]["tokens"]
+            metrics[split] = {
+                **metrics[split],
+                "word_ppl": word_perplexity(nll_sum, counts_of["words"]),
+            }
+    return metrics
 
 
 def _read_cached_metrics(path: Path) -> dict[str, Any] | None:

@@ -148,6 +148,7 @@ def results_table(runs: list[Run]) -> list[str]:
     text = not all(is_mqar(run) for run in ok)
     has_test = any("test_loss" in run.results for run in ok)
     has_acc = any("val_acc" in run.results for run in ok)
+    has_words = any("val_word_ppl" in run.results for run in ok)
 
     def pct(value: float | None) -> str:
         return _fmt(100 * value if value is not None else None, 1)
@@ -161,6 +162,8 @@ def results_table(runs: list[Run]) -> list[str]:
         ]
         columns += [("test ppl", lambda r: _fmt(r.get("test_ppl")), "test_ppl")] if has_test else []
         columns += [("val bpb (bits/byte)", lambda r: _fmt(r.get("val_bpb"), 3), "bpb")]
+        if has_words:  # per word, whatever the tokenizer: comparable with word-level models
+            columns += [("val ppl per word", lambda r: _fmt(r.get("val_word_ppl")), "word_ppl")]
     else:
         columns += [
             ("val loss (nats/answer)", lambda r: _fmt(r.get("val_loss"), 4), "-"),
@@ -188,6 +191,7 @@ def results_table(runs: list[Run]) -> list[str]:
             "ppl": _fmt(val.get("ppl")),
             "test_ppl": _fmt(test.get("ppl")),
             "bpb": _fmt(val.get("bpb"), 3),
+            "word_ppl": _fmt(val.get("word_ppl")),
         }
         cells = [f"KN{baseline['order']} n-gram baseline", "-"]
         cells += [figures.get(key, "-") for _, _, key in columns]

@@ -14,7 +14,14 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from lmkit.callbacks import DivergenceError, divergence_message
-from lmkit.evaluation import IGNORE_INDEX, correct_count, nll_sums, summarize, token_nll
+from lmkit.evaluation import (
+    IGNORE_INDEX,
+    correct_count,
+    nll_sums,
+    summarize,
+    token_nll,
+    word_perplexity,
+)
 from lmkit.model.heads import medusa_targets
 
 
@@ -74,6 +81,8 @@ class LanguageModelTask(L.LightningModule):
     `optimizer` is a partial of a torch optimizer (Hydra `_partial_: true`), completed with the
     parameter groups. `token_bytes` ([V], UTF-8 bytes of each token) turns NLL into bits per byte.
     `checkpoint_extras` (resolved config, tokenizer) is stored in every checkpoint under "lmkit".
+    `word_counts` ({split: {"words", "scored_tokens"}}) adds `word_ppl`, the total NLL per word,
+    to evaluations that score a whole split.
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class LanguageModelTask(L.LightningModule):
         medusa_loss_decay: float = 0.8,
         medusa_joint: bool = False,
         medusa_base_lr_scale: float = 0.1,
+        word_counts: dict[str, dict[str, int]] | None = None,
     ) -> None:
         super().__init__()
         lr = getattr(optimizer, "keywords", {}).get("lr")
@@ -109,6 +119,8 @@ class LanguageModelTask(L.LightningModule):
             "token_bytes", torch.as_tensor(token_bytes, dtype=torch.long), persistent=False
         )
         self.checkpoint_extras = checkpoint_extras or {}
+        # per split: words and the tokens a whole-split evaluation scores (word-normalized ppl)
+        self.word_counts = word_counts or {}
         self._eval_sums: Tensor | None = None
         self._step_start = 0.0
         self._fit_start: float | None = None
@@ -285,6 +297,9 @@ class LanguageModelTask(L.LightningModule):
         sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum")
         self._eval_sums = None
         metrics = summarize(*sums.tolist())
+        counts = self.word_counts.get(prefix)
+        if counts and int(sums[1]) == counts["scored_tokens"]:  # only over the whole split
+            metrics["word_ppl"] = word_perplexity(float(sums[0]), counts["words"])
         if self._medusa_sums is not None:
             counts = self.trainer.strategy.reduce(
                 self._medusa_sums.to(self.device), reduce_op="sum"

@@ -99,9 +99,10 @@ def build_task(
     extras: dict | None = None,
 ) -> LanguageModelTask:
     medusa = cfg.get("medusa") or {}  # experiment=medusa's options (absent otherwise)
-    token_bytes = None
+    token_bytes = word_counts = None
     if datamodule is not None:
         token_bytes = torch.as_tensor(datamodule.tokenizer.token_bytes)
+        word_counts = datamodule.word_counts() if hasattr(datamodule, "word_counts") else None
     return LanguageModelTask(
         model,
         optimizer=instantiate(cfg.optim.optimizer, _convert_="all"),
@@ -114,6 +115,7 @@ def build_task(
         medusa_loss_decay=float(medusa.get("loss_decay", 0.8)),
         medusa_joint=bool(medusa.get("joint", False)),
         medusa_base_lr_scale=float(medusa.get("base_lr_scale", 0.1)),
+        word_counts=word_counts,
     )
 
 
@@ -398,6 +400,8 @@ def train(cfg: DictConfig) -> dict:
         results.update(
             {f"{split}_{k}": metrics[f"{split}/{k}"] for k in ("loss", "ppl", "bpb", "acc")}
         )
+        if f"{split}/word_ppl" in metrics:  # the whole split was scored
+            results[f"{split}_word_ppl"] = metrics[f"{split}/word_ppl"]
         results.update(  # each Medusa head's top-1 accuracy
             {
                 f"{split}_{k.split('/', 1)[1]}": v

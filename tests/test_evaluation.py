@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from lmkit.evaluation import IGNORE_INDEX, nll_sums, summarize
@@ -15,3 +16,13 @@ def test_sums_skip_padding_and_count_bytes():
     m = summarize(nll.item(), tokens.item(), nbytes.item())
     assert math.isclose(m["ppl"], 3.0, rel_tol=1e-6)
     assert math.isclose(m["bpb"], 3 * math.log2(3) / 6, rel_tol=1e-6)
+
+
+def test_words_are_whitespace_tokens_plus_one_end_of_line_per_line():
+    from lmkit.evaluation import count_words, word_perplexity
+
+    assert count_words("a b\nc\n\n d  e f\n") == 6 + 4  # six words, four lines
+    assert count_words("") == 0
+    assert word_perplexity(math.log(3.0) * 10, 10) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no words"):
+        word_perplexity(1.0, 0)

@@ -145,3 +145,19 @@ def test_compare_script(tmp_path):
         check=False,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_word_normalized_perplexity_column_beside_the_baseline(tmp_path):
+    words = {**text_results(1.9, 812_345), "val_word_ppl": 123.4}
+    make_job(tmp_path / "0", "softmax", results=words)
+    make_job(tmp_path / "1", "linear", results=text_results(2.0, 800_000))  # no word count
+    baseline = {**BASELINE, "val": {**BASELINE["val"], "word_ppl": 150.0}}
+    for folder in ("0", "1"):
+        path = tmp_path / folder / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "baseline": baseline}))
+    text = write_report(tmp_path).read_text()
+    assert "val ppl per word" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("|")}
+    cells = [c.strip() for c in rows["mixer=softmax"].strip("|").split("|")]
+    assert cells[6] == "123.40" and "| 150.00 |" in rows["KN5 n-gram baseline"]
+    assert [c.strip() for c in rows["mixer=linear"].strip("|").split("|")][6] == "-"

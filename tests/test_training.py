@@ -171,3 +171,41 @@ def test_the_final_validation_reuses_fits_last_one(tmp_path, monkeypatch):
 
         logged = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
     assert results["val_loss"] == pytest.approx(logged[-1])
+
+
+def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
+    """Total NLL per word: for the model when the whole split is scored, and for the n-gram."""
+    import math
+
+    from lmkit.evaluation import count_words
+    from lmkit.training import build_datamodule
+
+    wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
+    val_text = Path(f"{wiki}/test.txt").read_text()[:6000]
+    (tmp_path / "val.txt").write_text(val_text)
+    cfg = compose_config(
+        "data=text",
+        f"data.train={wiki}/valid.txt",
+        f"data.val={tmp_path}/val.txt",
+        "tokenizer=bpe",
+        "tokenizer.vocab_size=300",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=null",  # the whole split: word ppl is defined
+        "ngram.order=3",
+        run_dir=tmp_path / "run",
+    )
+    results = train(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    words, scored = count_words(val_text), dm.meta["tokens"]["val"] - 1
+    assert dm.word_counts()["val"] == {"words": words, "scored_tokens": scored}
+    nll_sum = results["val_loss"] * scored
+    assert results["val_word_ppl"] == pytest.approx(math.exp(nll_sum / words), rel=1e-6)
+    assert results["val_word_ppl"] > results["val_ppl"]  # BPE: more tokens than words
+    base = results["baseline"]["val"]
+    assert base["word_ppl"] == pytest.approx(math.exp(base["loss"] * base["tokens"] / words))
+
+
+def test_no_word_perplexity_over_part_of_a_split(small_run):
+    _, results = small_run  # limit_val_batches=2: a part of val
+    assert "val_word_ppl" not in results

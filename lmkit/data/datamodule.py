@@ -33,6 +33,7 @@ from lmkit.data.corpora import (
     sha256_of,
 )
 from lmkit.data.tokenizers import Tokenizer, check_tokenizer_config, train_tokenizer
+from lmkit.evaluation import count_words
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,10 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
 
         self.meta, self.cache_dir = meta, cache_dir
         self.split_names = list(meta["tokens"])
+        self.split_words = {}  # the denominators of word-normalized perplexity
+        for split, source in corpus.splits.items():
+            text = texts[source.path]
+            self.split_words[split] = count_words(text[slice(*source.char_range(len(text)))])
         self.ids = {
             split: np.memmap(cache_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
             for split in self.split_names
@@ -287,7 +292,19 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             raise RuntimeError("the data is not prepared yet; call datamodule.prepare() first")
         return self
 
-    # ---- bits per byte -----------------------------------------------------------------
+    # ---- bits per byte, words ------------------------------------------------------------
+
+    def word_counts(self) -> dict[str, dict[str, int]]:
+        """Per split: its words (``count_words`` of its text) and the tokens an evaluation of
+        the whole split scores (all but the first), for word-normalized perplexity."""
+        self._prepared()
+        return {
+            split: {
+                "words": self.split_words[split],
+                "scored_tokens": self.meta["tokens"][split] - 1,
+            }
+            for split in self.split_names
+        }
 
     def scored_bytes(self, split: str) -> int:
         """UTF-8 bytes of the tokens scored in ``split`` (all but the first): the denominator
