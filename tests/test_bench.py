@@ -35,6 +35,18 @@ def tiny_model() -> DecoderLM:
     )
 
 
+def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """A script of the repo in a fresh one-thread process, its output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_lightning_path_and_bare_loop_train_the_same_run(tmp_path):
     """The bare loop is the Lightning path without the framework: same batches, optimizer,
     schedule and clipping give the same weights after the same steps."""
@@ -76,9 +88,8 @@ def test_layer_costs_in_a_fresh_process():
 
 def test_bench_script_saves_its_figures(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run(
+    done = run_script(
         [
-            sys.executable,
             "scripts/bench.py",
             "bench.what=[train,layer]",
             "--steps",
@@ -94,12 +105,7 @@ def test_bench_script_saves_its_figures(tmp_path):
             "data.batch_size=2",
             "trainer.precision=32-true",
             f"bench.save={out}",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(out.read_text())
@@ -117,9 +123,8 @@ def test_bench_script_saves_its_figures(tmp_path):
 def test_bench_runs_for_every_mixer(tmp_path):
     """scripts/bench_mixers.py: bench.py --steps 5 --bare for every mixer preset, one table."""
     out = tmp_path / "mixers.md"
-    done = subprocess.run(
+    done = run_script(
         [
-            sys.executable,
             "scripts/bench_mixers.py",
             f"--out={out}",
             "--steps",
@@ -133,10 +138,6 @@ def test_bench_runs_for_every_mixer(tmp_path):
             "data.batch_size=2",
             "trainer.precision=32-true",
         ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,10 +151,5 @@ def test_bench_runs_for_every_mixer(tmp_path):
 
 
 def test_bench_mixers_refuses_an_unknown_mixer():
-    done = subprocess.run(
-        [sys.executable, "scripts/bench_mixers.py", "--mixers", "softmax,nope"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script(["scripts/bench_mixers.py", "--mixers", "softmax,nope"])
     assert done.returncode != 0 and "unknown mixers ['nope']" in done.stderr

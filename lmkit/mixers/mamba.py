@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import math
 from dataclasses import dataclass
@@ -182,25 +183,31 @@ class Mamba(Mixer):
         return self.d_inner * (self.d_conv - 1 + self.d_state)
 
 
+def _optional_kernel(module: str, name: str, what: str, fallback: str):
+    """A fused CUDA kernel if its package imports (looked up once and logged), else None."""
+    try:
+        kernel = getattr(importlib.import_module(module), name)
+    except (ImportError, OSError, AttributeError) as err:
+        log.info("%s unavailable (%s); using %s", what, err, fallback)
+        return None
+    log.info("Mamba: using %s", what)
+    return kernel
+
+
 @functools.cache
 def _conv_kernel():
-    """causal-conv1d's fused causal depthwise conv if it imports (looked up once), else None."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except (ImportError, OSError) as err:
-        log.info("causal_conv1d CUDA kernel unavailable (%s); using nn.Conv1d", err)
-        return None
-    log.info("Mamba conv: using the causal_conv1d CUDA kernel")
-    return causal_conv1d_fn
+    """causal-conv1d's fused causal depthwise conv, or None."""
+    return _optional_kernel(
+        "causal_conv1d", "causal_conv1d_fn", "the causal_conv1d kernel", "nn.Conv1d"
+    )
 
 
 @functools.cache
 def _cuda_kernel():
-    """mamba_ssm's fused selective scan if it imports (looked up once, logged), else None."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except (ImportError, OSError) as err:
-        log.info("mamba_ssm CUDA scan unavailable (%s); using the PyTorch chunked scan", err)
-        return None
-    log.info("Mamba scan: using the mamba_ssm CUDA kernel")
-    return selective_scan_fn
+    """mamba_ssm's fused selective scan, or None."""
+    return _optional_kernel(
+        "mamba_ssm.ops.selective_scan_interface",
+        "selective_scan_fn",
+        "the mamba_ssm scan kernel",
+        "the PyTorch chunked scan",
+    )
