@@ -1,4 +1,5 @@
-"""Training callbacks: stop cleanly on SIGTERM/SIGINT, refuse to train on a diverged loss."""
+"""Training callbacks: stop cleanly on SIGTERM/SIGINT, refuse to train on a diverged loss, show
+progress."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +81,21 @@ def divergence_message(trainer: L.Trainer, what: str) -> str:
         f"updated with it; checkpoints saved before this step are intact. Lower "
         f"optim.optimizer.lr, raise optim.warmup_steps or use trainer.precision=32-true"
     )
+
+
+class TrainingProgressBar(RichProgressBar):
+    """Lightning's rich bar, without a fake end for a time-bounded run: with no step limit
+    (``max_steps=-1``, ``max_time`` set) the train loader is unbounded, so the bar counts steps
+    without a total or time left, and the epoch shows no ``/-2`` of its unset maximum."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        if self.trainer.max_steps == -1:
+            return float("inf")
+        return super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs == -1:
+            description = description.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}")
+        return description

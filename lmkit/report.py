@@ -137,6 +137,13 @@ def baseline_of(runs: list[Run]) -> dict[str, Any] | None:
     return next((r.results["baseline"] for r in runs if (r.results or {}).get("baseline")), None)
 
 
+def word_baseline_of(runs: list[Run]) -> dict[str, Any] | None:
+    """The word-level n-gram of the sweep (``ngram.word_level=true``), if a run fitted it."""
+    return next(
+        (r.results["word_baseline"] for r in runs if (r.results or {}).get("word_baseline")), None
+    )
+
+
 def is_mqar(run: Run) -> bool:
     return str((run.config.get("data") or {}).get("_target_", "")).endswith("MQARDataModule")
 
@@ -196,6 +203,13 @@ def results_table(runs: list[Run]) -> list[str]:
         cells = [f"KN{baseline['order']} n-gram baseline", "-"]
         cells += [figures.get(key, "-") for _, _, key in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    words = word_baseline_of(runs)
+    if words and text and has_words:
+        # its tokens are words (<unk> for the rare ones): only the per-word column compares
+        figures = {"word_ppl": _fmt((words.get("val") or {}).get("ppl"))}
+        cells = [f"KN{words['order']} word-level n-gram", "-"]
+        cells += [figures.get(key, "-") for _, _, key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -253,6 +267,47 @@ def plot_val_loss(runs: list[Run], path: Path) -> bool:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    _save(plt, fig, path)
+    return True
+
+
+def _timed_word_ppl(row: dict[str, float]) -> bool:
+    return "val/word_ppl" in row and "val/elapsed_s" in row
+
+
+def plot_word_ppl(runs: list[Run], path: Path) -> bool:
+    """Val perplexity per word against wall time, with the n-gram on the run's tokens (dashed)
+    and the word-level n-gram (dotted): drawn when a run fitted the word-level baseline."""
+    words = word_baseline_of(runs)
+    curves = [
+        (run, [(m["val/elapsed_s"], m["val/word_ppl"]) for m in run.metrics if _timed_word_ppl(m)])
+        for run in runs
+        if run.status == "ok"
+    ]
+    curves = [(run, points) for run, points in curves if points]
+    if words is None or not curves:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, points in curves:
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=run.label)
+    baseline = baseline_of(runs)
+    if baseline and "word_ppl" in (baseline.get("val") or {}):
+        ax.axhline(baseline["val"]["word_ppl"], color="black", linestyle="--", linewidth=1)
+        ax.plot(
+            [],
+            [],
+            color="black",
+            linestyle="--",
+            label=f"KN{baseline['order']} n-gram, same tokens",
+        )
+    ax.axhline(words["val"]["ppl"], color="black", linestyle=":", linewidth=1.5)
+    ax.plot([], [], color="black", linestyle=":", label=f"KN{words['order']} word-level n-gram")
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time since the start of training (s)")
+    ax.set_ylabel("val perplexity per word")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     _save(plt, fig, path)
     return True
 
@@ -346,6 +401,12 @@ def write_report(sweep_dir: str | Path) -> Path:
             plot_val_loss,
             "Val loss against training step (left) and wall time "
             "(right) per run; the dashed line is the n-gram baseline on the same val tokens.",
+        ),
+        (
+            "word_ppl.png",
+            plot_word_ppl,
+            "Val perplexity per word (total NLL / words) against wall time; dashed: the "
+            "n-gram on the runs' tokens, dotted: the word-level n-gram (rare words as <unk>).",
         ),
         (
             "throughput.png",

@@ -12,16 +12,17 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from lmkit.callbacks import DivergenceGuard, GracefulStop
+from lmkit.callbacks import DivergenceGuard, GracefulStop, TrainingProgressBar
 from lmkit.checkpoint import AtomicCheckpointIO, resume_checkpoint
 from lmkit.data.datamodule import TextDataModule
 from lmkit.model.decoder import DecoderLM
@@ -38,6 +39,22 @@ def build_datamodule(cfg: DictConfig) -> TextDataModule:
     return instantiate(
         cfg.data, tokenizer=tokenizer, seed=cfg.seed, max_steps=cfg.trainer.max_steps
     )
+
+
+def word_level_baseline(cfg: DictConfig) -> dict[str, Any]:
+    """The n-gram of cfg.ngram fitted on the same data split into words (tokenizer=word: the
+    train split's whitespace words plus end of line, other words <unk>): the word-level model of
+    the literature, whose perplexity sits in the word-normalized column of a BPE or char run."""
+    word_cfg = cfg.copy()
+    word_cfg.tokenizer = OmegaConf.create({"kind": "word"})
+    datamodule = build_datamodule(word_cfg)
+    baseline = baseline_metrics(datamodule, cfg.ngram.order, cfg.ngram.discount)
+    log.info(
+        "word-level n-gram baseline (KN%d): %s",
+        baseline["order"],
+        ", ".join(f"{s} ppl {baseline[s]['ppl']:.2f}" for s in ("val", "test") if s in baseline),
+    )
+    return baseline
 
 
 def build_model(cfg: DictConfig, vocab_size: int) -> DecoderLM:
@@ -185,7 +202,7 @@ def build_trainer(
             save_last=True,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),
-        RichProgressBar(),
+        TrainingProgressBar(),
         GracefulStop(run_dir / "checkpoints" / "last.ckpt"),
         DivergenceGuard(),
         *(extra_callbacks or []),
@@ -423,6 +440,7 @@ def train(cfg: DictConfig) -> dict:
             "fit_val_s": task.fit_val_seconds,  # validations during training (inside wall_s)
             "final_eval_s": final_eval_s,  # the final val/test evaluation (inside wall_s)
             "peak_mem_mb": peak_memory_mb(),
+            "steps": trainer.global_step,  # optimizer steps taken (a time budget decides them)
             "checkpoint": str(last),
             "config": extras["config"],
         }
@@ -441,6 +459,8 @@ def train(cfg: DictConfig) -> dict:
             ", ".join(f"{s} ppl {baseline[s]['ppl']:.2f}" for s in splits),
         )
         results["baseline"] = baseline
+        if cfg.ngram.get("word_level") and cfg.tokenizer.kind != "word":
+            results["word_baseline"] = word_level_baseline(cfg)
         results["config"] = results.pop("config")  # the config stays last
     if trainer.is_global_zero:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

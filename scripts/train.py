@@ -29,18 +29,25 @@ def fmt(value: float | int | str) -> str:
 
 
 def print_summary(results: dict) -> None:
-    """The flat results, with the n-gram baseline's val/test loss, ppl and bpb beside them."""
+    """The flat results, with the n-gram baseline's val/test loss, ppl and bpb beside them (and
+    the word-level n-gram's perplexity beside the per-word perplexity, where it was fitted)."""
     baseline = results.get("baseline") or {}
+    words = results.get("word_baseline") or {}
     table = Table(title="results")
     table.add_column("metric")
     table.add_column("value", justify="right")
     if baseline:
         table.add_column(f"KN{baseline['order']} baseline", justify="right")
+    if words:
+        table.add_column(f"KN{words['order']} word-level", justify="right")
     for key, value in results.items():
         if isinstance(value, float | int | str):
             split, _, metric = key.partition("_")
             same = (baseline.get(split) or {}).get(metric) if baseline else None
             extra = [fmt(same) if same is not None else ""] if baseline else []
+            if words:
+                word_ppl = (words.get(split) or {}).get("ppl") if metric == "word_ppl" else None
+                extra.append(fmt(word_ppl) if word_ppl is not None else "")
             table.add_row(key, fmt(value), *extra)
     Console().print(table)
 

@@ -161,3 +161,28 @@ def test_word_normalized_perplexity_column_beside_the_baseline(tmp_path):
     cells = [c.strip() for c in rows["mixer=softmax"].strip("|").split("|")]
     assert cells[6] == "123.40" and "| 150.00 |" in rows["KN5 n-gram baseline"]
     assert [c.strip() for c in rows["mixer=linear"].strip("|").split("|")][6] == "-"
+
+
+def test_word_level_baseline_row_and_word_perplexity_plot(tmp_path):
+    """ngram.word_level=true: the word-level n-gram gets a row (per-word column only) and the
+    per-word perplexity is drawn against wall time with both baselines."""
+    words = {
+        **text_results(1.9, 812_345),
+        "val_word_ppl": 300.0,
+        "word_baseline": {"order": 5, "val": {"loss": 5.45, "ppl": 232.5, "bpb": 1.5}},
+    }
+    make_job(tmp_path / "0", "softmax", results=words)
+    rows = ["step,val/loss,val/word_ppl,val/elapsed_s", "49,2.6,900.0,5.0", "99,2.1,400.0,10.0"]
+    (tmp_path / "0" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    text = write_report(tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| KN5 word-level"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "232.50" and set(cells[2:6]) == {"-"}  # no per-token figures
+    assert (tmp_path / "word_ppl.png").read_bytes().startswith(PNG_MAGIC)
+    assert "![word_ppl.png](word_ppl.png)" in text
+
+
+def test_no_word_perplexity_plot_without_the_word_level_baseline(tmp_path):
+    make_job(tmp_path / "0", "softmax", results={**text_results(1.9, 1), "val_word_ppl": 3.0})
+    write_report(tmp_path)
+    assert not (tmp_path / "word_ppl.png").exists()

@@ -122,6 +122,21 @@ def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
     assert results["fit_val_s"] > 0 and results["final_eval_s"] > 0 and "val_loss" in results
 
 
+def test_the_progress_bar_of_a_time_budget_has_no_fake_end():
+    from types import SimpleNamespace
+
+    from lmkit.callbacks import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    bar._trainer = SimpleNamespace(max_steps=-1, max_epochs=-1, num_training_batches=2**40)
+    assert bar.total_train_batches == float("inf")  # shown as "--", no days-long ETA
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(
+        max_steps=50, max_epochs=-1, num_training_batches=50, global_step=20
+    )
+    assert bar.total_train_batches == 30  # a step limit keeps Lightning's count
+
+
 def test_no_step_limit_needs_a_time_budget(tmp_path):
     with pytest.raises(ValueError, match="max_steps=-1 sets no step limit"):
         train(compose_config("trainer.max_steps=-1", run_dir=tmp_path))
@@ -178,6 +193,7 @@ def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
     import math
 
     from lmkit.evaluation import count_words
+    from lmkit.ngram import baseline_metrics
     from lmkit.training import build_datamodule
 
     wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
@@ -192,6 +208,7 @@ def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
         "trainer.max_steps=3",
         "trainer.limit_val_batches=null",  # the whole split: word ppl is defined
         "ngram.order=3",
+        "ngram.word_level=true",
         run_dir=tmp_path / "run",
     )
     results = train(cfg)
@@ -204,6 +221,19 @@ def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
     assert results["val_word_ppl"] > results["val_ppl"]  # BPE: more tokens than words
     base = results["baseline"]["val"]
     assert base["word_ppl"] == pytest.approx(math.exp(base["loss"] * base["tokens"] / words))
+    # the word-level n-gram beside it: the same order fitted on the same files split into words
+    word_cfg = compose_config(
+        "data=text",
+        f"data.train={wiki}/valid.txt",
+        f"data.val={tmp_path}/val.txt",
+        "tokenizer=word",
+        run_dir=tmp_path / "words",
+    )
+    word_dm = build_datamodule(word_cfg)
+    expected = baseline_metrics(word_dm, 3, "modified", use_cache=False)
+    assert results["word_baseline"]["order"] == 3
+    assert results["word_baseline"]["val"]["ppl"] == pytest.approx(expected["val"]["ppl"])
+    assert expected["val"]["tokens"] == words - 1  # a word tokenizer scores every word but one
 
 
 def test_no_word_perplexity_over_part_of_a_split(small_run):
