@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from lmkit.data.datamodule import UNBOUNDED_STEPS
+
 log = logging.getLogger(__name__)
 
 
@@ -90,12 +92,12 @@ class TrainingProgressBar(RichProgressBar):
 
     @property
     def total_train_batches(self) -> int | float:
-        if self.trainer.max_steps == -1:
+        if self.trainer.max_steps == -1 and self.trainer.num_training_batches >= UNBOUNDED_STEPS:
             return float("inf")
         return super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
-        description = super()._get_train_description(current_epoch)
-        if self.trainer.max_epochs == -1:
-            description = description.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}")
-        return description
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        # padded like Lightning's own, so the bar does not shift when validation's starts
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"

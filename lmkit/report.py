@@ -205,7 +205,7 @@ def results_table(runs: list[Run]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     words = word_baseline_of(runs)
     if words and text and has_words:
-        # its tokens are words (<unk> for the rare ones): only the per-word column compares
+        # its tokens are words (<unk> for those train lacks): only the per-word column compares
         figures = {"word_ppl": _fmt((words.get("val") or {}).get("ppl"))}
         cells = [f"KN{words['order']} word-level n-gram", "-"]
         cells += [figures.get(key, "-") for _, _, key in columns]
@@ -406,7 +406,8 @@ def write_report(sweep_dir: str | Path) -> Path:
             "word_ppl.png",
             plot_word_ppl,
             "Val perplexity per word (total NLL / words) against wall time; dashed: the "
-            "n-gram on the runs' tokens, dotted: the word-level n-gram (rare words as <unk>).",
+            "n-gram on the runs' tokens, dotted: the word-level n-gram (words absent from "
+            "train as <unk>).",
         ),
         (
             "throughput.png",

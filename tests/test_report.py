@@ -184,5 +184,7 @@ def test_word_level_baseline_row_and_word_perplexity_plot(tmp_path):
 
 def test_no_word_perplexity_plot_without_the_word_level_baseline(tmp_path):
     make_job(tmp_path / "0", "softmax", results={**text_results(1.9, 1), "val_word_ppl": 3.0})
+    rows = ["step,val/loss,val/word_ppl,val/elapsed_s", "49,2.6,900.0,5.0"]
+    (tmp_path / "0" / "metrics.csv").write_text("\n".join(rows) + "\n")  # curves, no baseline
     write_report(tmp_path)
     assert not (tmp_path / "word_ppl.png").exists()

@@ -130,11 +130,13 @@ def test_the_progress_bar_of_a_time_budget_has_no_fake_end():
     bar = TrainingProgressBar()
     bar._trainer = SimpleNamespace(max_steps=-1, max_epochs=-1, num_training_batches=2**40)
     assert bar.total_train_batches == float("inf")  # shown as "--", no days-long ETA
-    assert bar._get_train_description(0).strip() == "Epoch 0"
+    assert bar._get_train_description(0) == "Epoch 0   "  # padded to "Validation"
     bar._trainer = SimpleNamespace(
         max_steps=50, max_epochs=-1, num_training_batches=50, global_step=20
     )
     assert bar.total_train_batches == 30  # a step limit keeps Lightning's count
+    bar._trainer = SimpleNamespace(max_steps=-1, max_epochs=-1, num_training_batches=40)
+    assert bar.total_train_batches == 40  # a finite loader (limit_train_batches) keeps its own
 
 
 def test_no_step_limit_needs_a_time_budget(tmp_path):
@@ -239,3 +241,24 @@ def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
 def test_no_word_perplexity_over_part_of_a_split(small_run):
     _, results = small_run  # limit_val_batches=2: a part of val
     assert "val_word_ppl" not in results
+
+
+def test_the_word_level_baseline_ignores_the_runs_block_size(tmp_path):
+    """A split long enough in characters for the run's windows may hold fewer words than a
+    window: the n-gram reads no windows, so the word-level baseline still fits."""
+    from lmkit.training import word_level_baseline
+
+    wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
+    val_text = Path(f"{wiki}/test.txt").read_text()[:6000]  # about 1,100 words
+    (tmp_path / "val.txt").write_text(val_text)
+    cfg = compose_config(
+        "data=text",
+        f"data.train={wiki}/valid.txt",
+        f"data.val={tmp_path}/val.txt",
+        "data.block_size=2048",
+        "ngram.order=3",
+        run_dir=tmp_path / "run",
+    )
+    baseline = word_level_baseline(cfg)
+    assert baseline["order"] == 3 and baseline["val"]["ppl"] > 1
+    assert cfg.tokenizer.kind == "char" and cfg.data.block_size == 2048  # the run's own config

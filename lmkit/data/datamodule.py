@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # targets of padding in the last evaluation window
 _CACHE_VERSION = 1  # bump when the cache layout or the tokenization changes
 _ENCODE_BATCH_LINES = 1000
-_UNBOUNDED_STEPS = 2**40  # the train loader's length when max_steps is not given
+UNBOUNDED_STEPS = 2**40  # the train loader's length when max_steps is not given
 
 
 class StepIndexedTraining:
@@ -84,7 +84,7 @@ class StepIndexedTraining:
         rank = int(trainer.global_rank) if trainer is not None else 0
         accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
         max_steps = getattr(self, "max_steps", None)
-        return rank, (max_steps * accumulate if max_steps else _UNBOUNDED_STEPS)
+        return rank, (max_steps * accumulate if max_steps else UNBOUNDED_STEPS)
 
     def _consumed_batches(self) -> int:
         trainer = self.trainer
