@@ -110,14 +110,20 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
     return runs
 
 
+def _short_key(key: str) -> str:
+    """The last name of a key: model/mixer -> mixer, model.d_model -> d_model; the whole key
+    where the last name starts with '_' (matplotlib hides legend labels that do)."""
+    last = key.replace("/", ".").rsplit(".", 1)[-1]
+    return key if last.startswith("_") else last
+
+
 def _label(runs: list[Run]) -> None:
     """Label each run by the overrides whose values differ between runs (else its folder)."""
     parsed = [dict(o.split("=", 1) for o in r.overrides if "=" in o) for r in runs]
     keys = list(dict.fromkeys(k for p in parsed for k in p))  # in command-line order
     varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
     for run, p in zip(runs, parsed, strict=True):
-        # the last name of each key: model/mixer -> mixer, model.d_model -> d_model
-        parts = [f"{k.replace('/', '.').rsplit('.', 1)[-1]}={p[k]}" for k in varying if k in p]
+        parts = [f"{_short_key(k)}={p[k]}" for k in varying if k in p]
         run.label = " ".join(parts) if parts else run.path.name
 
 

@@ -188,3 +188,11 @@ def test_no_word_perplexity_plot_without_the_word_level_baseline(tmp_path):
     (tmp_path / "0" / "metrics.csv").write_text("\n".join(rows) + "\n")  # curves, no baseline
     write_report(tmp_path)
     assert not (tmp_path / "word_ppl.png").exists()
+
+
+def test_labels_never_start_with_an_underscore(tmp_path):
+    """matplotlib leaves labels that start with '_' out of the legend."""
+    make_job(tmp_path / "0", "softmax", results=text_results(1.9, 1))
+    make_job(tmp_path / "1", "softmax", results=text_results(2.0, 1), extra=["model._target_=x"])
+    labels = [run.label for run in collect_runs(tmp_path)]
+    assert labels == ["0", "model._target_=x"]
