@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from lmkit.callbacks import DivergenceError, divergence_message
+from lmkit.decoding.sampling import greedy_continuations
 from lmkit.evaluation import (
     IGNORE_INDEX,
     correct_count,
@@ -99,6 +100,7 @@ class LanguageModelTask(L.LightningModule):
         medusa_loss_decay: float = 0.8,
         medusa_joint: bool = False,
         medusa_base_lr_scale: float = 0.1,
+        medusa_distill_prompt: int = 0,
         word_counts: dict[str, dict[str, int]] | None = None,
     ) -> None:
         super().__init__()
@@ -133,6 +135,14 @@ class LanguageModelTask(L.LightningModule):
         # Medusa heads (model.medusa): head k's loss weighs decay^k; joint adds the LM loss
         self.medusa_loss_decay, self.medusa_joint = medusa_loss_decay, medusa_joint
         self.medusa_base_lr_scale = medusa_base_lr_scale
+        if medusa_distill_prompt < 0:
+            raise ValueError(f"medusa.distill_prompt={medusa_distill_prompt} must be >= 0 (0: off)")
+        if medusa_distill_prompt and medusa_joint:
+            raise ValueError(
+                "medusa.distill_prompt trains the heads on the frozen base's own greedy text; "
+                "with medusa.joint=true the base would learn from itself. Set one of them off"
+            )
+        self.medusa_distill_prompt = medusa_distill_prompt
         self._medusa_sums: Tensor | None = None
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -147,6 +157,8 @@ class LanguageModelTask(L.LightningModule):
             if self._logging_step():
                 self.log("train/loss", loss, prog_bar=True)
             return loss
+        if self.medusa_distill_prompt:
+            x, y = self.greedy_windows(x)
         h = self.model.hidden_states(x)
         base = masked_mean_nll(self.model.head(h), y)
         logging = self._logging_step()
@@ -161,6 +173,15 @@ class LanguageModelTask(L.LightningModule):
         if logging:
             self.log("train/medusa_loss", loss, prog_bar=True)
         return loss
+
+    @torch.no_grad()
+    def greedy_windows(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Medusa self-distillation (Cai et al., 2024, sec. 2.3.2): the windows x [B, T] become
+        the base model's greedy continuations of their first medusa_distill_prompt tokens ->
+        (inputs, targets), each [B, T - 1]. Greedy acceptance keeps a head's token only when it
+        equals the base model's own argmax, so these are the targets that count at decoding."""
+        sequence = greedy_continuations(self.model, x, self.medusa_distill_prompt)
+        return sequence[:, :-1], sequence[:, 1:]
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()

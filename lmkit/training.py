@@ -133,6 +133,7 @@ def build_task(
         medusa_loss_decay=float(medusa.get("loss_decay", 0.8)),
         medusa_joint=bool(medusa.get("joint", False)),
         medusa_base_lr_scale=float(medusa.get("base_lr_scale", 0.1)),
+        medusa_distill_prompt=int(medusa.get("distill_prompt", 0)),
         word_counts=word_counts,
     )
 

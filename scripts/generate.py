@@ -9,7 +9,8 @@ Medusa (a checkpoint trained with experiment=medusa):
   python scripts/generate.py ckpt=... decoding=medusa [acceptance=greedy|typical]
       [tree_nodes=24] [epsilon=0.09] [delta=0.3]
 greedy acceptance reproduces greedy decoding exactly; typical samples-like (Medusa's rule). The
-tree is calibrated on the checkpoint's val text. Tokens per step and tokens/s are printed.
+tree is calibrated on the checkpoint's val text (greedy acceptance: on the model's greedy
+continuations of it). Tokens per step and tokens/s are printed.
 """
 
 import sys
@@ -37,12 +38,19 @@ DEFAULTS = {
 
 
 def medusa_sample(args, restored, prompt) -> list[str]:
-    from lmkit.decoding.medusa import calibrate_tree, calibration_windows, medusa_generate
+    from lmkit.decoding.medusa import (
+        calibrate_tree,
+        calibration_text,
+        calibration_windows,
+        medusa_generate,
+    )
     from lmkit.training import build_datamodule
 
     datamodule = build_datamodule(restored.config)
     datamodule.prepare()
-    tree = calibrate_tree(restored.model, calibration_windows(datamodule, 16), args.tree_nodes)
+    windows = calibration_windows(datamodule, 16)
+    calibration = calibration_text(restored.model, windows, args.acceptance)
+    tree = calibrate_tree(restored.model, calibration, args.tree_nodes)
     texts = []
     for row in prompt:
         tokens, stats = medusa_generate(

@@ -77,6 +77,40 @@ def test_every_head_gets_gradients(base_ckpt):
     assert medusa_targets(x[:, 1:], 4)[:, -4:].eq(-100).all()
 
 
+def test_self_distillation_targets_are_the_base_models_greedy_tokens(base_ckpt):
+    restored = restore(base_ckpt[0])
+    model, cfg = restored.model, restored.config
+    with open_dict(cfg):
+        cfg.model.medusa_heads = 2
+    medusa = build_model(cfg, model.vocab_size)
+    load_base_weights(medusa, model.state_dict(), joint=False)
+    task = LanguageModelTask(medusa, optimizer=torch.optim.AdamW, medusa_distill_prompt=5)
+    x = torch.randint(0, model.vocab_size, (3, 20))
+    inputs, targets = task.greedy_windows(x)
+    assert inputs.shape == targets.shape == (3, 19) and torch.equal(inputs[:, :5], x[:, :5])
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    # from the prompt on, every target is the base model's argmax after the tokens before it
+    assert torch.equal(targets[:, 4:], model(inputs).argmax(-1)[:, 4:])
+    assert not torch.equal(inputs, x[:, :-1])
+    task.medusa_distill_prompt = 20
+    with pytest.raises(ValueError, match="leaves nothing to continue"):
+        task.greedy_windows(x)
+    with pytest.raises(ValueError, match="base would learn from itself"):
+        LanguageModelTask(
+            medusa, optimizer=torch.optim.AdamW, medusa_distill_prompt=5, medusa_joint=True
+        )
+
+
+def test_self_distilled_heads_train_on_a_frozen_base(tmp_path, base_ckpt):
+    base_ckpt, base_results = base_ckpt
+    cfg, results = medusa_run(tmp_path, base_ckpt, "medusa.distill_prompt=4")
+    base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
+    for name, p in base.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[name], p, rtol=0, atol=0)
+    assert all(head.block.weight.abs().sum() > 0 for head in tuned.medusa.heads)
+    assert results["val_loss"] == pytest.approx(base_results["val_loss"], rel=1e-6)
+
+
 def test_base_with_heads_is_refused(tmp_path, base_ckpt):
     cfg, _ = medusa_run(tmp_path, base_ckpt[0])
     with pytest.raises(ValueError, match="already has Medusa heads"):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.decoding.sampling import greedy_continuations
 from lmkit.mixers.base import TreeStep
 
 ACCEPTANCE = ("greedy", "typical")
@@ -42,9 +43,10 @@ ACCEPTANCE = ("greedy", "typical")
 
 
 def check_tree(paths: list[tuple[int, ...]], num_heads: int) -> list[tuple[int, ...]]:
-    """The paths as sorted tuples; a clear error unless non-empty, prefix-closed and within the
+    """The paths as tuples in depth-first order (each parent before its children, the all-top-1
+    chain (0,), (0, 0), ... first); a clear error unless non-empty, prefix-closed and within the
     heads (depth <= num_heads)."""
-    paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+    paths = sorted({tuple(int(r) for r in p) for p in paths})
     if not paths:
         raise ValueError("a Medusa tree needs at least one path, e.g. [[0]]")
     for p in paths:
@@ -118,6 +120,15 @@ def calibrate_tree(model, ids: Tensor, num_nodes: int = 24, top_k: int = 4):
     return tree_from_accuracies(head_rank_accuracy(model, ids, top_k), num_nodes)
 
 
+def calibration_text(model, windows: Tensor, acceptance: str, prompt_len: int = 8) -> Tensor:
+    """The text to fit a tree on: for greedy acceptance the model's own greedy continuations of
+    the windows' first prompt_len tokens (a candidate is kept only when it equals the base
+    model's argmax, so the heads' hit rates on real text mislead), else the windows."""
+    if acceptance != "greedy":
+        return windows
+    return greedy_continuations(model, windows, prompt_len)
+
+
 @dataclass
 class TreeBuffers:
     """Index tensors of a tree. Nodes: 0 is the root, node i + 1 is paths[i]."""
@@ -128,6 +139,7 @@ class TreeBuffers:
     rank: Tensor  # [N] rank of the node's token among its head's candidates (root: 0)
     leaves: Tensor  # [P, max_depth + 1] node indices root -> leaf, padded by repeating the leaf
     leaf_depth: Tensor  # [P] depth of each leaf
+    chains: list[list[int]] = field(default_factory=list)  # per node: its nodes root -> it
 
     @property
     def num_nodes(self) -> int:
@@ -136,13 +148,9 @@ class TreeBuffers:
     def ancestor_mask(self) -> Tensor:
         """[N, N] boolean: node i may see node j iff j is i or an ancestor of i (the tree
         attention mask; a chain gives the causal mask)."""
-        n = self.num_nodes
-        mask = torch.eye(n, dtype=torch.bool)
-        for i in range(1, n):
-            j = int(self.parent[i])
-            while j >= 0:
-                mask[i, j] = True
-                j = int(self.parent[j])
+        mask = torch.zeros(self.num_nodes, self.num_nodes, dtype=torch.bool)
+        for i, chain in enumerate(self.chains):
+            mask[i, chain] = True
         return mask
 
 
@@ -152,20 +160,19 @@ def tree_buffers(paths: list[tuple[int, ...]], num_heads: int) -> TreeBuffers:
     depth = [0] + [len(p) for p in paths]
     parent = [-1] + [index.get(p[:-1], 0) for p in paths]
     rank = [0] + [p[-1] for p in paths]
+    chains = [[0]] + [[0] + [index[p[:d]] for d in range(1, len(p) + 1)] for p in paths]
     is_parent = {p[:-1] for p in paths}
-    leaves = [p for p in paths if p not in is_parent]
-    max_depth = max(len(p) for p in leaves)
-    rows = []
-    for leaf in leaves:
-        nodes = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
-        rows.append(nodes + [nodes[-1]] * (max_depth + 1 - len(nodes)))
+    leaves = [index[p] for p in paths if p not in is_parent]
+    max_depth = max(depth[leaf] for leaf in leaves)
+    rows = [chains[leaf] + [leaf] * (max_depth - depth[leaf]) for leaf in leaves]
     return TreeBuffers(
         paths=paths,
         depth=torch.tensor(depth),
         parent=torch.tensor(parent),
         rank=torch.tensor(rank),
         leaves=torch.tensor(rows),
-        leaf_depth=torch.tensor([len(p) for p in leaves]),
+        leaf_depth=torch.tensor([depth[leaf] for leaf in leaves]),
+        chains=chains,
     )
 
 
@@ -176,7 +183,6 @@ def accepted_lengths(
     logits: Tensor,
     candidates: Tensor,
     depth: Tensor,
-    *,
     acceptance: str = "greedy",
     temperature: float = 1.0,
     epsilon: float = 0.09,
@@ -189,21 +195,36 @@ def accepted_lengths(
     greedy: c_{i+1} == argmax(logits[:, i]). typical: p(c_{i+1}) > min(epsilon,
     delta * exp(-H(p))), p = softmax(logits[:, i] / temperature).
     """
-    if acceptance not in ACCEPTANCE:
-        raise ValueError(f"acceptance={acceptance!r}; choose one of {list(ACCEPTANCE)}")
-    scores = logits[:, :-1].float()  # [P, L - 1, V]
-    if acceptance == "greedy":
-        ok = candidates == scores.argmax(-1)
-    else:
-        if temperature <= 0:
-            raise ValueError("typical acceptance needs temperature > 0")
-        logp = F.log_softmax(scores / temperature, dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # [P, L - 1]
-        threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
-        ok = logp.gather(-1, candidates.unsqueeze(-1)).squeeze(-1).exp() > threshold
+    options = dict(temperature=temperature, epsilon=epsilon, delta=delta)
+    ok = candidate_ok(logits[:, :-1], candidates, acceptance, **options)  # [P, L - 1]
     steps = torch.arange(candidates.shape[1], device=candidates.device)
     ok = ok & (steps < depth.unsqueeze(1))  # padding never counts
     return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+def candidate_ok(
+    scores: Tensor,
+    candidates: Tensor,
+    acceptance: str = "greedy",
+    *,
+    temperature: float = 1.0,
+    epsilon: float = 0.09,
+    delta: float = 0.3,
+) -> Tensor:
+    """Whether the base model accepts each candidate, on its own: scores [..., V] are the base
+    model's logits before the candidate, candidates [...] its token (the rules of
+    accepted_lengths)."""
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance={acceptance!r}; choose one of {list(ACCEPTANCE)}")
+    scores = scores.float()
+    if acceptance == "greedy":
+        return candidates == scores.argmax(-1)
+    if temperature <= 0:
+        raise ValueError("typical acceptance needs temperature > 0")
+    logp = F.log_softmax(scores / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
+    return logp.gather(-1, candidates.unsqueeze(-1)).squeeze(-1).exp() > threshold
 
 
 # ---- decoding ---------------------------------------------------------------------------------
@@ -297,12 +318,21 @@ def medusa_generate(
             f"({max_depth + 1}) exceed the model's {model.max_len} positions; shorten them or "
             f"use a model with rope/none positions"
         )
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance={acceptance!r}; choose one of {list(ACCEPTANCE)}")
+    if acceptance == "typical" and temperature <= 0:
+        raise ValueError("typical acceptance needs temperature > 0")
+    options = dict(temperature=temperature, epsilon=epsilon, delta=delta)
     was_training = model.training
     model.eval()
     device, dtype = idx.device, next(model.parameters()).dtype
+    # the per-node bookkeeping runs on Python lists: at batch 1 on a CPU each tensor op costs
+    # about as much as a layer of a small model, and a step needs the few results as ints anyway
+    depth, parent, chains = buffers.depth.tolist(), buffers.parent.tolist(), buffers.chains
+    node_heads = [d - 1 for d in depth[1:]]
+    node_ranks = buffers.rank.tolist()[1:]
+    top = max(node_ranks) + 1
     leaves, leaf_depth = buffers.leaves.to(device), buffers.leaf_depth.to(device)
-    node_depth, node_rank = buffers.depth.to(device), buffers.rank.to(device)
-    top = int(node_rank.max()) + 1
     stats = MedusaStats()
     started = time.perf_counter()
 
@@ -310,59 +340,74 @@ def medusa_generate(
     # tree verification writes every node to the caches before compacting to the kept path
     tree_step = None
     if use_tree_mask and model.supports_tree:
+        node_depth = buffers.depth.to(device)
+        parent_index = buffers.parent[1:].to(device)
+        chain_index = [torch.tensor(chain, device=device) for chain in chains]
+        # depth-first node order puts the all-top-1 chain first: accepting a prefix of it leaves
+        # the kept tokens in place, so the caches only shorten
+        in_place = [chain == list(range(len(chain))) for chain in chains]
         tree_step = TreeStep(positions=node_depth, mask=buffers.ancestor_mask().to(device))
     context = idx.shape[1] + max_new_tokens + buffers.num_nodes + 1
     caches = model.init_caches(1, context, device=device, dtype=dtype)
-    h = model.hidden_states(idx, caches)[:, -1:]  # [1, 1, D]
-    root = model.head(h)[:, -1].argmax(-1)  # [1]
+    h = model.hidden_states(idx, caches)[0, -1]  # [D]
+    root = int(model.head(h).argmax(-1))
     out = [root]
-    produced = 1
-    while produced < max_new_tokens:
+    while len(out) < max_new_tokens:
         # candidates of every node from the heads at the root's predecessor
-        ranked = propose(h.view(-1)).topk(top, dim=-1).indices  # [K, top]
-        tokens = ranked[(node_depth - 1).clamp(min=0), node_rank]  # [N]
-        tokens[0] = root[0]
-        seqs = tokens[leaves]  # [P, max_depth + 1]
+        ranked = propose(h).topk(top, dim=-1).indices.tolist()  # [K][top]
+        tokens = [root] + [ranked[k][r] for k, r in zip(node_heads, node_ranks, strict=True)]
         length = caches[0].length
         if tree_step is not None:  # attention: all nodes in one pass under the tree mask
-            tree_step.positions = length + node_depth
-            hs = model.hidden_states(tokens.unsqueeze(0), caches, tree=tree_step)[0]  # [N, D]
-            logits = model.head(hs)[leaves]  # [P, L, V], each leaf's path root -> leaf
+            tree_step.positions = node_depth + length
+            node_tokens = torch.tensor([tokens], device=device)
+            hs = model.hidden_states(node_tokens, caches, tree=tree_step)[0]  # [N, D]
+            logits = model.head(hs)  # [N, V]
+            argmax = logits.argmax(-1).tolist()
+            if acceptance == "greedy":
+                ok = [tokens[i] == argmax[parent[i]] for i in range(1, len(tokens))]
+            else:
+                ok = candidate_ok(
+                    logits[parent_index], node_tokens[0, 1:], acceptance, **options
+                ).tolist()
+            # a node counts when it and all its ancestors are accepted (parents come first);
+            # the deepest wins, ties to the first
+            accepted, best = [True], 0
+            for i, good in enumerate(ok, start=1):
+                accepted.append(good and accepted[parent[i]])
+                if accepted[i] and depth[i] > depth[best]:
+                    best = i
+            a = depth[best]
+            kept = [tokens[j] for j in chains[best]]  # root + accepted candidates
+            bonus = argmax[best]  # the base model's next token
+            for cache in caches:
+                if in_place[best]:
+                    cache.crop(length + 1 + a)
+                else:
+                    cache.compact(length, chain_index[best])
+            h = hs[best]
         else:  # every mixer: the leaves' paths as a batch from the (expanded) caches
+            seqs = torch.tensor(tokens, device=device)[leaves]  # [P, max_depth + 1]
             snapshot = [copy.copy(c) for c in caches]  # select() copies; these stay intact
             for cache in caches:
                 cache.select(torch.zeros(len(seqs), dtype=torch.long, device=device))
             hs = model.hidden_states(seqs, caches)  # [P, L, D]
             logits = model.head(hs)  # [P, L, V]
-        accepted = accepted_lengths(
-            logits,
-            seqs[:, 1:],
-            leaf_depth,
-            acceptance=acceptance,
-            temperature=temperature,
-            epsilon=epsilon,
-            delta=delta,
-        )
-        best = int(accepted.argmax())  # the longest; ties go to the first (shallowest) leaf
-        a = int(accepted[best])
-        kept = seqs[best, : 1 + a]  # root + accepted candidates, now part of the sequence
-        bonus = logits[best, a].argmax(-1, keepdim=True)  # the base model's next token
-        if tree_step is not None:
-            for cache in caches:
-                cache.compact(length, leaves[best, : 1 + a])
-            h = hs[leaves[best, a]].view(1, 1, -1)
-        elif _rewind(caches, accepted.argmax().view(1), length + 1 + a):
-            h = hs[best : best + 1, a : a + 1]
-        else:  # a recurrent state: back to before verification, then advance by the kept tokens
-            caches = snapshot
-            h = model.hidden_states(kept.unsqueeze(0), caches)[:, -1:]
-        new = torch.cat([kept[1:], bonus])[: max_new_tokens - produced]
-        out.append(new)
-        produced += len(new)
+            counts = accepted_lengths(logits, seqs[:, 1:], leaf_depth, acceptance, **options)
+            best = int(counts.argmax())  # the longest; ties go to the first leaf
+            a = int(counts[best])
+            kept = seqs[best, : 1 + a].tolist()
+            bonus = int(logits[best, a].argmax(-1))
+            if _rewind(caches, torch.tensor([best], device=device), length + 1 + a):
+                h = hs[best, a]
+            else:  # a recurrent state: back to before verification, advance by the kept tokens
+                caches = snapshot
+                kept_ids = torch.tensor([kept], device=device)
+                h = model.hidden_states(kept_ids, caches)[0, -1]
+        out += kept[1:] + [bonus]
         root = bonus
         stats.steps += 1
         stats.accepted.append(a + 1)
-    sequence = torch.cat([idx[0], *out])
+    sequence = torch.cat([idx[0], torch.tensor(out, dtype=idx.dtype, device=device)])
     tokens = sequence[: idx.shape[1] + max_new_tokens]
     stats.new_tokens = len(tokens) - idx.shape[1]
     stats.sequence, stats.caches = sequence.unsqueeze(0), caches

@@ -95,3 +95,16 @@ def generate(
             logits = model(nxt, caches)[:, -1]
     model.train(was_training)
     return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def greedy_continuations(model, windows: Tensor, prompt_len: int) -> Tensor:
+    """windows [B, T] -> [B, T]: each window's first prompt_len tokens continued by the model's
+    greedy decoding (the text greedy Medusa decoding verifies against: self-distillation targets
+    for its heads, calibration text for its tree)."""
+    if not 1 <= prompt_len < windows.shape[1]:
+        raise ValueError(
+            f"a prompt of {prompt_len} tokens leaves nothing to continue in windows of "
+            f"{windows.shape[1]} tokens; use 1 <= prompt < {windows.shape[1]}"
+        )
+    return generate(model, windows[:, :prompt_len], windows.shape[1] - prompt_len, temperature=0)

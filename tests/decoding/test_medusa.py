@@ -6,6 +6,7 @@ from support import compose_config
 
 from lmkit.decoding.medusa import (
     accepted_lengths,
+    calibration_text,
     check_tree,
     default_tree,
     medusa_generate,
@@ -41,7 +42,7 @@ def medusa_model(
 
 
 def test_tree_checks():
-    assert check_tree([(1,), (0,), (0, 0)], 2) == [(0,), (1,), (0, 0)]
+    assert check_tree([(1,), (0,), (0, 0)], 2) == [(0,), (0, 0), (1,)]  # depth-first
     with pytest.raises(ValueError, match="no parent"):
         check_tree([(0,), (1, 0)], 2)
     with pytest.raises(ValueError, match="deeper than"):
@@ -79,9 +80,10 @@ def test_tree_mask_is_each_node_and_its_ancestors():
 
 def test_leaves_list_root_to_leaf_padded():
     buffers = tree_buffers([(0,), (1,), (0, 0)], 2)
-    # nodes: 0 root, 1 (0,), 2 (1,), 3 (0,0); leaves (1,) and (0,0)
-    assert buffers.leaves.tolist() == [[0, 2, 2], [0, 1, 3]]
-    assert buffers.leaf_depth.tolist() == [1, 2]
+    # nodes: 0 root, 1 (0,), 2 (0,0), 3 (1,); leaves (0,0) and (1,)
+    assert buffers.leaves.tolist() == [[0, 1, 2], [0, 3, 3]]
+    assert buffers.leaf_depth.tolist() == [2, 1]
+    assert buffers.chains == [[0], [0, 1], [0, 1, 2], [0, 3]]
 
 
 # ---- acceptance -------------------------------------------------------------------------------
@@ -107,6 +109,16 @@ def test_typical_acceptance_thresholds():
     assert never.tolist() == [0, 0, 0]
     always = accepted_lengths(logits, candidates, depth, acceptance="typical", epsilon=0, delta=0)
     assert always.tolist() == [3, 3, 3]  # every candidate has positive probability
+
+
+def test_greedy_calibration_text_is_the_models_greedy_continuation():
+    model = medusa_model("softmax", scramble=0.05)
+    windows = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    text = calibration_text(model, windows, "greedy", prompt_len=3)
+    assert torch.equal(text, model.generate(windows[:, :3], 9, temperature=0))
+    assert calibration_text(model, windows, "typical") is windows
+    with pytest.raises(ValueError, match="leaves nothing to continue"):
+        calibration_text(model, windows, "greedy", prompt_len=12)
 
 
 def test_medusa_targets_shift_by_k():
@@ -175,16 +187,32 @@ def _valid(cache):
 
 
 @pytest.mark.parametrize(
-    ("mixer", "use_tree_mask"),
-    [("softmax", True), ("softmax", False), ("linear", False), ("mamba", False)],
+    ("mixer", "use_tree_mask", "scramble", "seed"),
+    [
+        ("softmax", True, 0.0, 3),  # accepts top-1 chains: the kept tokens stay in place
+        ("softmax", True, 0.05, 1),  # accepts other ranks: the KV cache compacts
+        ("softmax", False, 0.0, 3),
+        ("linear", False, 0.0, 3),
+        ("mamba", False, 0.0, 3),
+    ],
 )
-def test_caches_after_acceptance_equal_plain_decoding_caches(mixer, use_tree_mask):
-    model = medusa_model(mixer, scramble=0.0, seed=3)
+def test_caches_after_acceptance_equal_plain_decoding_caches(
+    mixer, use_tree_mask, scramble, seed, monkeypatch
+):
+    from lmkit.mixers.softmax import KVCache
+
+    compactions = []
+    compact = KVCache.compact
+    monkeypatch.setattr(
+        KVCache, "compact", lambda self, *a: compactions.append(a) or compact(self, *a)
+    )
+    model = medusa_model(mixer, scramble=scramble, seed=seed)
     prompt = torch.tensor([[1, 2, 3, 1, 2]])
     _, stats = medusa_generate(
         model, prompt, 25, tree=default_tree(3, 12), use_tree_mask=use_tree_mask
     )
     assert max(stats.accepted) > 1
+    assert bool(compactions) == (scramble > 0)
     length = stats.caches[0].length
     plain = model.init_caches(1, 64)
     for t in range(length):  # one token at a time: how plain decoding fills them
@@ -203,6 +231,23 @@ def test_typical_with_a_huge_threshold_accepts_only_the_base_token():
     )
     assert stats.accepted == [1] * stats.steps and stats.steps == 19
     assert torch.equal(tokens, model.generate(prompt, 20, temperature=0))
+
+
+@pytest.mark.parametrize("use_tree_mask", [True, False])
+def test_typical_with_a_zero_threshold_accepts_a_deepest_path(use_tree_mask):
+    model = medusa_model("softmax", scramble=1.0)
+    tree = default_tree(3, 12)
+    _, stats = medusa_generate(
+        model,
+        torch.tensor([[3, 1, 4]]),
+        21,
+        acceptance="typical",
+        epsilon=0.0,
+        delta=0.0,
+        tree=tree,
+        use_tree_mask=use_tree_mask,
+    )
+    assert stats.accepted == [max(len(p) for p in tree) + 1] * stats.steps
 
 
 def test_medusa_errors_are_clear():
