@@ -180,7 +180,9 @@ class LanguageModelTask(L.LightningModule):
         the base model's greedy continuations of their first medusa_distill_prompt tokens ->
         (inputs, targets), each [B, T - 1]. Greedy acceptance keeps a head's token only when it
         equals the base model's own argmax, so these are the targets that count at decoding."""
-        sequence = greedy_continuations(self.model, x, self.medusa_distill_prompt)
+        # in the weights' own precision, as decoding runs: autocast could change the argmax
+        with torch.autocast(x.device.type, enabled=False):
+            sequence = greedy_continuations(self.model, x, self.medusa_distill_prompt)
         return sequence[:, :-1], sequence[:, 1:]
 
     def on_fit_start(self) -> None:
