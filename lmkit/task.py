@@ -137,11 +137,8 @@ class LanguageModelTask(L.LightningModule):
         self.medusa_base_lr_scale = medusa_base_lr_scale
         if medusa_distill_prompt < 0:
             raise ValueError(f"medusa.distill_prompt={medusa_distill_prompt} must be >= 0 (0: off)")
-        if medusa_distill_prompt and medusa_joint:
-            raise ValueError(
-                "medusa.distill_prompt trains the heads on the frozen base's own greedy text; "
-                "with medusa.joint=true the base would learn from itself. Set one of them off"
-            )
+        if medusa_distill_prompt and medusa_joint:  # experiment=medusa says so earlier
+            raise ValueError("medusa.distill_prompt (self-distillation) needs medusa.joint=false")
         self.medusa_distill_prompt = medusa_distill_prompt
         self._medusa_sums: Tensor | None = None
 
@@ -160,11 +157,12 @@ class LanguageModelTask(L.LightningModule):
         if self.medusa_distill_prompt:
             x, y = self.greedy_windows(x)
         h = self.model.hidden_states(x)
-        base = masked_mean_nll(self.model.head(h), y)
         logging = self._logging_step()
-        if logging:
+        if self.medusa_joint or (logging and not self.medusa_distill_prompt):
+            base = masked_mean_nll(self.model.head(h), y)
+        if logging and not self.medusa_distill_prompt:  # on its own greedy text it means little
             self.log("train/loss", base, prog_bar=True)  # the LM's own loss, as in every run
-        loss = base if self.medusa_joint else base.new_zeros(())
+        loss = base if self.medusa_joint else h.new_zeros(())
         for k, logits in enumerate(medusa(h), start=1):
             head_loss = masked_mean_nll(logits, medusa_targets(y, k))
             if logging:
@@ -179,11 +177,15 @@ class LanguageModelTask(L.LightningModule):
         """Medusa self-distillation (Cai et al., 2024, sec. 2.3.2): the windows x [B, T] become
         the base model's greedy continuations of their first medusa_distill_prompt tokens ->
         (inputs, targets), each [B, T - 1]. Greedy acceptance keeps a head's token only when it
-        equals the base model's own argmax, so these are the targets that count at decoding."""
+        equals the base model's own argmax, so these are the targets that count at decoding.
+        Targets inside the prompt (data, not the model's choice) are IGNORE_INDEX. Each step
+        decodes T - prompt tokens one at a time, which costs more than the heads' training."""
         # in the weights' own precision, as decoding runs: autocast could change the argmax
         with torch.autocast(x.device.type, enabled=False):
             sequence = greedy_continuations(self.model, x, self.medusa_distill_prompt)
-        return sequence[:, :-1], sequence[:, 1:]
+        targets = sequence[:, 1:].clone()
+        targets[:, : self.medusa_distill_prompt - 1] = IGNORE_INDEX
+        return sequence[:, :-1], targets
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()

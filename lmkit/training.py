@@ -327,7 +327,20 @@ def medusa_from_base(cfg: DictConfig) -> dict[str, torch.Tensor]:
     num_heads = int(medusa.get("num_heads", 4))
     if num_heads < 1:
         raise ValueError(f"medusa.num_heads={num_heads} must be >= 1")
+    distill_prompt = int(medusa.get("distill_prompt", 0))
+    if distill_prompt and medusa.get("joint", False):  # before any data or model work
+        raise ValueError(
+            "medusa.distill_prompt trains the heads on the frozen base's own greedy text; with "
+            "medusa.joint=true (Medusa-2) the base would learn from itself. Add "
+            "medusa.distill_prompt=0 to train both on the data"
+        )
     base = restore(cfg.base_ckpt)
+    block_size = int(base.config.data.block_size)
+    if not 0 <= distill_prompt < block_size:
+        raise ValueError(
+            f"medusa.distill_prompt={distill_prompt} must be in [0, {block_size}): the base's "
+            f"windows of {block_size} tokens continue the first distill_prompt of them (0: off)"
+        )
     if base.config.model.get("medusa_heads"):
         raise ValueError(
             f"base_ckpt={cfg.base_ckpt} already has Medusa heads; give the plain model's checkpoint"

@@ -6,9 +6,9 @@
 
 Prompts are the first prompt_len tokens of val windows; the tree is fitted to the heads' hit
 rates on 32 other val windows (with greedy acceptance: on the model's greedy continuations of
-their first 8 tokens, the text greedy decoding produces). Prints tokens per step (mean accepted
-length), tokens/s of both decoders at batch 1, the speedup and how many outputs equal greedy
-decoding token for token.
+their first prompt_len tokens, the text greedy decoding produces). Prints tokens per step (mean
+accepted length), tokens/s of both decoders at batch 1, the speedup and how many outputs equal
+greedy decoding token for token.
 """
 
 import json
@@ -49,7 +49,7 @@ def bench(args) -> dict:
     datamodule = build_datamodule(restored.config)
     datamodule.prepare()
     windows = calibration_windows(datamodule, args.prompts + 32)  # prompts, then the fit
-    calibration = calibration_text(model, windows[args.prompts :], args.acceptance)
+    calibration = calibration_text(model, windows[args.prompts :], args.acceptance, args.prompt_len)
     tree = calibrate_tree(model, calibration, args.tree_nodes)
     prompts = [windows[i : i + 1, : args.prompt_len] for i in range(args.prompts)]
     timed_greedy(model, prompts[0], 4)  # warm-up

@@ -37,7 +37,7 @@ def medusa_run(tmp_path, base_ckpt, *extra):
 
 def test_medusa1_trains_heads_only(tmp_path, base_ckpt):
     base_ckpt, base_results = base_ckpt
-    cfg, results = medusa_run(tmp_path, base_ckpt)
+    cfg, results = medusa_run(tmp_path, base_ckpt, "medusa.distill_prompt=0")  # on the data
     for k in (1, 2, 3):
         assert 0.0 <= results[f"val_medusa{k}_acc"] <= 1.0
     base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
@@ -53,7 +53,7 @@ def test_medusa1_trains_heads_only(tmp_path, base_ckpt):
 
 def test_medusa2_trains_base_and_heads(tmp_path, base_ckpt):
     base_ckpt, _ = base_ckpt
-    cfg, _ = medusa_run(tmp_path, base_ckpt, "medusa.joint=true")
+    cfg, _ = medusa_run(tmp_path, base_ckpt, "medusa.joint=true", "medusa.distill_prompt=0")
     base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
     changed = [n for n, p in base.state_dict().items() if not torch.equal(tuned.state_dict()[n], p)]
     assert any(n.startswith("blocks.") for n in changed)
@@ -85,25 +85,52 @@ def test_self_distillation_targets_are_the_base_models_greedy_tokens(base_ckpt):
     medusa = build_model(cfg, model.vocab_size)
     load_base_weights(medusa, model.state_dict(), joint=False)
     task = LanguageModelTask(medusa, optimizer=torch.optim.AdamW, medusa_distill_prompt=5)
-    x = torch.randint(0, model.vocab_size, (3, 20))
+    x = torch.randint(0, model.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     inputs, targets = task.greedy_windows(x)
     assert inputs.shape == targets.shape == (3, 19) and torch.equal(inputs[:, :5], x[:, :5])
-    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert torch.equal(inputs[:, 5:], targets[:, 4:-1])
+    assert targets[:, :4].eq(-100).all()  # the prompt's own tokens are data: not learned
     # from the prompt on, every target is the base model's argmax after the tokens before it
     assert torch.equal(targets[:, 4:], model(inputs).argmax(-1)[:, 4:])
     assert not torch.equal(inputs, x[:, :-1])
     task.medusa_distill_prompt = 20
     with pytest.raises(ValueError, match="leaves nothing to continue"):
         task.greedy_windows(x)
-    with pytest.raises(ValueError, match="base would learn from itself"):
+    with pytest.raises(ValueError, match="needs medusa.joint=false"):
         LanguageModelTask(
             medusa, optimizer=torch.optim.AdamW, medusa_distill_prompt=5, medusa_joint=True
         )
 
 
-def test_self_distilled_heads_train_on_a_frozen_base(tmp_path, base_ckpt):
+def test_self_distillation_decodes_in_full_precision_under_autocast(base_ckpt):
+    model = restore(base_ckpt[0]).model
+    task = LanguageModelTask(model, optimizer=torch.optim.AdamW, medusa_distill_prompt=4)
+    x = torch.randint(0, model.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    plain = task.greedy_windows(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = task.greedy_windows(x)
+    assert torch.equal(plain[0], autocast[0]) and torch.equal(plain[1], autocast[1])
+
+
+def test_self_distillation_errors_come_before_any_work(tmp_path, base_ckpt):
+    with pytest.raises(ValueError, match="base would learn from itself"):
+        medusa_run(tmp_path, base_ckpt[0], "medusa.joint=true")
+    with pytest.raises(ValueError, match=r"distill_prompt=32 must be in \[0, 32\)"):
+        medusa_run(tmp_path / "long", base_ckpt[0], "medusa.distill_prompt=32")
+    assert not (tmp_path / "medusa").exists() and not (tmp_path / "long").exists()
+
+
+def test_self_distilled_heads_train_on_a_frozen_base(tmp_path, base_ckpt, monkeypatch):
     base_ckpt, base_results = base_ckpt
-    cfg, results = medusa_run(tmp_path, base_ckpt, "medusa.distill_prompt=4")
+    calls = []
+    greedy_windows = LanguageModelTask.greedy_windows
+    monkeypatch.setattr(
+        LanguageModelTask,
+        "greedy_windows",
+        lambda self, x: calls.append(x.shape) or greedy_windows(self, x),
+    )
+    cfg, results = medusa_run(tmp_path, base_ckpt)  # the default: self-distillation
+    assert cfg.medusa.distill_prompt > 0 and len(calls) == 20  # every training step
     base, tuned = restore(base_ckpt).model, restore(cfg.run_dir + "/checkpoints/last.ckpt").model
     for name, p in base.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[name], p, rtol=0, atol=0)

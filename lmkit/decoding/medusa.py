@@ -16,7 +16,9 @@ is a path). Each step:
    decoding) or typical (Medusa's rule: p(candidate) > min(epsilon, delta * exp(-entropy))).
    The leaf with the longest accepted prefix wins; the base model's argmax after it is the
    bonus token and the next root.
-4. Caches: a tree step compacts the KV cache to the accepted path. A batched step keeps the
+4. Caches: a tree step keeps the accepted path in the KV cache: nodes are in depth-first order,
+   so a prefix of the all-top-1 chain is already in place and the cache only shortens; any
+   other path is compacted. A batched step keeps the
    winning row, cropped to root + accepted prefix; caches that cannot go back in time (linear
    attention, Mamba, GAU's running state) are restored from the snapshot taken before
    verification and advanced by the accepted tokens.
@@ -370,7 +372,7 @@ def medusa_generate(
                     logits[parent_index], node_tokens[0, 1:], acceptance, **options
                 ).tolist()
             # a node counts when it and all its ancestors are accepted (parents come first);
-            # the deepest wins, ties to the first
+            # the deepest wins, ties (typical only) to the first: the better-ranked candidates
             accepted, best = [True], 0
             for i, good in enumerate(ok, start=1):
                 accepted.append(good and accepted[parent[i]])

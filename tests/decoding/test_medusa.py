@@ -250,6 +250,16 @@ def test_typical_with_a_zero_threshold_accepts_a_deepest_path(use_tree_mask):
     assert stats.accepted == [max(len(p) for p in tree) + 1] * stats.steps
 
 
+def test_typical_acceptance_keeps_the_same_tokens_in_both_verification_paths():
+    model = medusa_model("softmax", scramble=0.05, seed=1)
+    prompt = torch.tensor([[2, 7, 1, 8, 2]])
+    options = dict(acceptance="typical", epsilon=0.2, delta=0.5, tree=default_tree(3, 12))
+    tree_tokens, tree_stats = medusa_generate(model, prompt, 30, use_tree_mask=True, **options)
+    path_tokens, path_stats = medusa_generate(model, prompt, 30, use_tree_mask=False, **options)
+    assert torch.equal(tree_tokens, path_tokens) and tree_stats.accepted == path_stats.accepted
+    assert max(tree_stats.accepted) > 1
+
+
 def test_medusa_errors_are_clear():
     plain = build_model(compose_config("run_dir=/tmp/unused"), vocab_size=VOCAB)
     with pytest.raises(ValueError, match="no Medusa heads"):
