@@ -59,13 +59,19 @@ def test_medusa2_trains_base_and_heads(tmp_path, base_ckpt):
     assert any(n.startswith("blocks.") for n in changed)
 
 
-def test_every_head_gets_gradients(base_ckpt):
-    restored = restore(base_ckpt[0])
+def heads_on_base(base_ckpt, num_heads: int):
+    """(base model, the same model with num_heads Medusa-1 heads started from its LM head)."""
+    restored = restore(base_ckpt)
     model, cfg = restored.model, restored.config
     with open_dict(cfg):
-        cfg.model.medusa_heads = 4
+        cfg.model.medusa_heads = num_heads
     medusa = build_model(cfg, model.vocab_size)
     load_base_weights(medusa, model.state_dict(), joint=False)
+    return model, medusa
+
+
+def test_every_head_gets_gradients(base_ckpt):
+    model, medusa = heads_on_base(base_ckpt[0], 4)
     task = LanguageModelTask(medusa, optimizer=torch.optim.AdamW, max_steps=1)
     task.log = lambda *a, **k: None
     x = torch.randint(0, model.vocab_size, (2, 16))
@@ -78,12 +84,7 @@ def test_every_head_gets_gradients(base_ckpt):
 
 
 def test_self_distillation_targets_are_the_base_models_greedy_tokens(base_ckpt):
-    restored = restore(base_ckpt[0])
-    model, cfg = restored.model, restored.config
-    with open_dict(cfg):
-        cfg.model.medusa_heads = 2
-    medusa = build_model(cfg, model.vocab_size)
-    load_base_weights(medusa, model.state_dict(), joint=False)
+    model, medusa = heads_on_base(base_ckpt[0], 2)
     task = LanguageModelTask(medusa, optimizer=torch.optim.AdamW, medusa_distill_prompt=5)
     x = torch.randint(0, model.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     inputs, targets = task.greedy_windows(x)
