@@ -256,9 +256,10 @@ class LanguageModelTask(L.LightningModule):
             torch.optim.AdamW,
             torch.optim.Adam,
         )
-        if adam and self.device.type == "cuda" and not {"fused", "foreach"} & keywords.keys():
-            # one kernel for every parameter on GPUs; measured no faster on CPU (torch's default
-            # there, a loop over tensors, is kept)
+        fusable = self.device.type in ("cuda", "cpu")
+        if adam and fusable and not {"fused", "foreach"} & keywords.keys():
+            # One kernel for every parameter. On CPU too: 3.2 ms against 17-20 ms for torch's
+            # default loop (and 22 ms foreach) per step of 4.3M parameters on a 2-core CPU.
             options["fused"] = True
         optimizer = self.optimizer_factory(groups, **options)
         min_ratio = self.min_lr / self.lr if self.lr else 0.0

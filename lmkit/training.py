@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import netrc
@@ -247,9 +248,35 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
 
 
+# glibc's malloc option numbers (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory instead of handing it back to the OS.
+
+    A training step allocates and frees the same large activations every step. By default glibc
+    serves large blocks with fresh mmap pages and trims the heap after each free, so every step
+    pays page faults on the first touch of every activation: on a 2-core CPU, 8% of the
+    shakespeare_char_fast step (486 against 448 ms). Serving blocks up to 32 MiB (glibc's
+    largest allowed threshold) from the heap and never trimming it removes them; the process
+    keeps its peak memory instead of returning it between steps. No-op off glibc (macOS,
+    Windows, musl): returns whether the settings took.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def apply_runtime_settings(cfg: DictConfig) -> None:
     """Resolve trainer.precision=auto (in cfg, so checkpoints record what ran), set the fp32
-    matmul precision ("high": TF32 on Ampere+ GPUs, no change on CPUs) and the thread count."""
+    matmul precision ("high": TF32 on Ampere+ GPUs, no change on CPUs), the thread count, and
+    malloc's reuse of freed memory (`keep_freed_memory`)."""
+    keep_freed_memory()
     with open_dict(cfg):
         cfg.trainer.precision = resolve_precision(
             str(cfg.trainer.precision), str(cfg.trainer.accelerator)

@@ -115,9 +115,32 @@ def test_task_refuses_bad_optimisation_settings():
         )
 
 
-def test_adamw_is_fused_on_cuda_only(monkeypatch):
-    task = LanguageModelTask(tiny_model(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
-    assert not task.configure_optimizers()["optimizer"].defaults.get("fused")  # CPU: torch's loop
-    monkeypatch.setattr(LanguageModelTask, "device", property(lambda self: torch.device("cuda")))
-    # (torch's fused AdamW also runs on CPU tensors, so the choice shows on this machine)
-    assert task.configure_optimizers()["optimizer"].defaults["fused"] is True
+def test_adamw_is_fused_unless_told_otherwise():
+    factory = functools.partial(torch.optim.AdamW, lr=1e-3)
+    assert (
+        LanguageModelTask(tiny_model(), optimizer=factory)
+        .configure_optimizers()["optimizer"]
+        .defaults["fused"]
+    )
+    for choice in ({"foreach": True}, {"fused": False}):  # an explicit choice is kept
+        chosen = functools.partial(torch.optim.AdamW, lr=1e-3, **choice)
+        optimizer = LanguageModelTask(tiny_model(), optimizer=chosen).configure_optimizers()
+        assert not optimizer["optimizer"].defaults.get("fused")
+
+
+def test_fused_adamw_steps_like_the_default_loop():
+    """The fused CPU kernel makes the same updates as torch's per-tensor loop."""
+    models = [tiny_model(), tiny_model()]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        torch.optim.AdamW(models[0].parameters(), lr=1e-2, weight_decay=0.1, fused=True),
+        torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, foreach=False),
+    ]
+    x = torch.randint(0, 40, (2, 16))
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            model(x).float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -262,3 +262,13 @@ def test_the_word_level_baseline_ignores_the_runs_block_size(tmp_path):
     baseline = word_level_baseline(cfg)
     assert baseline["order"] == 3 and baseline["val"]["ppl"] > 1
     assert cfg.tokenizer.kind == "char" and cfg.data.block_size == 2048  # the run's own config
+
+
+def test_malloc_keeps_freed_memory_on_glibc():
+    import platform
+
+    from lmkit.training import keep_freed_memory
+
+    assert keep_freed_memory() == (
+        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    )

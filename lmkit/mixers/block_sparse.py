@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.model.dropout import dropout as drop
+
 # allowed(q_idx, k_idx) -> bool tensor (broadcasting), the elementwise rule in index space.
 Allowed = Callable[[Tensor, Tensor], Tensor]
 PREFIX_GROUPS = 4  # query-block groups of a causal-prefix layout: ~1/8 of its triangle is waste
@@ -214,7 +216,7 @@ def block_sparse_attention(
                 s[:, :, lead:, :, c0:c1].masked_fill_(hidden[lead:, :, c0:c1], float("-inf"))
         p, lse = _softmax(s, safe)  # [B, H, nQ, bq, K]
         if dropout_p > 0:
-            p = F.dropout(p, p=dropout_p)
+            p = drop(p, dropout_p)
         if layout.shared:
             o = p.view(B, H, 1, nQ * bq, -1) @ vg  # [B, H, 1, nQ * bq, Dv]
         else:
@@ -270,7 +272,7 @@ def gather_attention(
         s = s.masked_fill(~visible[:, None, :], float("-inf"))
         p = s.softmax(dim=-1)  # [B, H, T, 1, K]
         if dropout_p > 0:
-            p = F.dropout(p, p=dropout_p)
+            p = drop(p, dropout_p)
         return (p @ v.float()).squeeze(-2)  # [B, H, T, Dv]
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer, TreeStep, check_heads, merge_heads, split_heads
 from lmkit.mixers.tiled_attention import tiled_attention
+from lmkit.model.dropout import dropout as drop
 from lmkit.model.rotary import RotaryEmbedding
 
 BACKENDS = ("sdpa", "naive", "tiled")
@@ -51,6 +52,23 @@ class KVCache:
 def causal_mask(Tq: int, Tk: int, device: torch.device | None = None) -> Tensor:
     """[Tq, Tk] boolean, True where query i may see key j: j <= i + (Tk - Tq) (bottom-right)."""
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
+
+
+# Below this many keys, torch's CPU flash-attention backward is 2-4x slower in bf16 than in fp32
+# (torch 2.13, 2-core AMX CPU, [16, 4, T, 64] forward + backward: T=64 11.6 against 4.9 ms,
+# T=86 17.6 against 7.7, T=128 21.9 against 12.9; T=192 19.6 against 21.2). Training there runs
+# SDPA in fp32 instead; the forward alone stays in bf16, where it is faster at every length.
+CPU_BF16_SDPA_MIN_KEYS = 160
+
+
+def cpu_bf16_backward_is_slow(q: Tensor, num_keys: int) -> bool:
+    """Whether attention over num_keys keys would meet the slow bf16 CPU backward."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.requires_grad
+        and num_keys < CPU_BF16_SDPA_MIN_KEYS
+    )
 
 
 class SoftmaxAttention(Mixer):
@@ -142,12 +160,22 @@ class SoftmaxAttention(Mixer):
             # SDPA's is_causal is top-left aligned: right only for Tq == Tk; one query needs none.
             mask = None if Tq in (1, Tk) else causal_mask(Tq, Tk, q.device)
             is_causal = Tq == Tk and Tq > 1
+            if cpu_bf16_backward_is_slow(q, Tk):
+                y = F.scaled_dot_product_attention(
+                    q.float(),
+                    k.float(),
+                    v.float(),
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    is_causal=is_causal,
+                )
+                return y.to(q.dtype)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
             )
         scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(self.head_dim)  # [B,H,Tq,Tk]
         scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
-        p = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)  # [B,H,Tq,Tk]
+        p = drop(scores.softmax(dim=-1), dropout, self.training)  # [B,H,Tq,Tk]
         return (p @ v.float()).to(q.dtype)  # [B, H, Tq, Dh]
 
     def init_cache(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lmkit.mixers.base import Cache, Mixer, TreeStep
+from lmkit.model.dropout import Dropout
 from lmkit.model.norms import build_norm
 
 
@@ -25,7 +26,7 @@ class Block(nn.Module):
         self.mixer = mixer
         self.mlp_norm = build_norm(norm, d_model) if mlp is not None else None
         self.mlp = mlp
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self, x: Tensor, cache: Cache | None = None, tree: TreeStep | None = None

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lmkit.model.dropout import Dropout
+
 POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 
 
@@ -51,7 +53,7 @@ class Embedding(nn.Module):
             self.position = nn.Embedding(max_len, d_model)
         elif positional == "sinusoidal":
             self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @property
     def bounded(self) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmkit.model.dropout import Dropout
+
 ACTIVATIONS = ("gelu", "swiglu")
 
 
@@ -38,7 +40,7 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)  # residual projection
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation == "swiglu":

@@ -11,7 +11,7 @@ class RotaryEmbedding(nn.Module):
 
     Uses the "rotate half" layout (channel i pairs with i + Dh/2). Angles are computed in float32
     for absolute positions `offset .. offset + T - 1`, so a cached decoding step sees the same
-    rotation as the parallel forward.
+    rotation as the parallel forward; the rotation itself runs in x's dtype.
     """
 
     def __init__(self, head_dim: int, *, base: float = 10000.0) -> None:
@@ -31,8 +31,10 @@ class RotaryEmbedding(nn.Module):
         else:
             pos = positions.to(device=x.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq.to(x.device))  # [T, Dh/2]
-        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)  # [T, Dh]
-        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)  # [T, Dh]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat([-x2, x1], dim=-1)  # [B, H, T, Dh]
-        return (x.float() * cos + rotated * sin).to(x.dtype)
+        # The rotation runs in x's dtype, as in most LLM code: in bf16 that adds about one bf16
+        # rounding to q and k and costs half the time of a float32 round trip (on a CPU, the
+        # rotary embedding of a small model was about 10% of its training step).
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # each [T, Dh/2]
+        x1, x2 = x.chunk(2, dim=-1)  # each [B, H, T, Dh/2]
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the halves: no rotated copy of x
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -339,3 +339,25 @@ def test_tiled_keeps_fp32_statistics_under_autocast():
     assert_close(out, expected, **FP32)
     for g, ref in zip(autocast_grads, grads, strict=True):
         assert_close(g, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [19, 170], ids=["short:fp32-sdpa", "long:bf16-sdpa"])
+def test_sdpa_training_under_cpu_autocast_matches_naive(T):
+    """Short sequences train SDPA in fp32 on CPU (the bf16 backward is slow there), long ones in
+    bf16: both give the naive backend's outputs and gradients within bf16 error, in bf16."""
+    from lmkit.mixers.softmax import CPU_BF16_SDPA_MIN_KEYS, cpu_bf16_backward_is_slow
+
+    probe = torch.zeros(1, requires_grad=True, dtype=torch.bfloat16)
+    assert cpu_bf16_backward_is_slow(probe, T) == (T < CPU_BF16_SDPA_MIN_KEYS)
+    assert not cpu_bf16_backward_is_slow(probe.detach(), T)  # inference keeps bf16
+    x = inputs(T=T)
+    outs, grads = {}, {}
+    for backend in ("sdpa", "naive"):
+        mixer = make(backend, rotary=True).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[backend] = mixer(x)
+        outs[backend].float().square().mean().backward()
+        grads[backend] = mixer.qkv.weight.grad
+    assert outs["sdpa"].dtype == torch.bfloat16
+    assert_close(outs["sdpa"].float(), outs["naive"].float(), atol=2e-2, rtol=2e-2)
+    assert_close(grads["sdpa"], grads["naive"], atol=2e-2, rtol=5e-2)
