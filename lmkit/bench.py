@@ -143,7 +143,7 @@ def bare_step_timings(cfg: DictConfig, *, steps: int, warmup: int, device: str =
     cfg, datamodule, model = _timed_run(cfg, steps, warmup)
     device = torch.device(device)
     model = model.to(device).train()
-    # the task on the device too: configure_optimizers picks fused AdamW on CUDA from it
+    # the task on the device too: configure_optimizers picks fused AdamW on CUDA and CPU from it
     configured = build_task(cfg, model, datamodule).to(device).configure_optimizers()
     optimizer = configured["optimizer"]
     scheduler = configured["lr_scheduler"]["scheduler"]

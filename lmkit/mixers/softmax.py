@@ -161,14 +161,16 @@ class SoftmaxAttention(Mixer):
             mask = None if Tq in (1, Tk) else causal_mask(Tq, Tk, q.device)
             is_causal = Tq == Tk and Tq > 1
             if cpu_bf16_backward_is_slow(q, Tk):
-                y = F.scaled_dot_product_attention(
-                    q.float(),
-                    k.float(),
-                    v.float(),
-                    attn_mask=mask,
-                    dropout_p=dropout,
-                    is_causal=is_causal,
-                )
+                # outside autocast, which would cast the fp32 inputs straight back to bf16
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(
+                        q.float(),
+                        k.float(),
+                        v.float(),
+                        attn_mask=mask,
+                        dropout_p=dropout,
+                        is_causal=is_causal,
+                    )
                 return y.to(q.dtype)
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmkit.mixers.softmax import BACKENDS, KVCache, SoftmaxAttention
 from lmkit.mixers.tiled_attention import tiled_attention, tiled_attention_forward
@@ -341,6 +342,19 @@ def test_tiled_keeps_fp32_statistics_under_autocast():
         assert_close(g, ref, atol=1e-4, rtol=1e-4)
 
 
+class KernelDtypes(TorchDispatchMode):
+    """Records the query dtype of every SDPA kernel call (below autocast, so after its casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in str(func):
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("T", [19, 170], ids=["short:fp32-sdpa", "long:bf16-sdpa"])
 def test_sdpa_training_under_cpu_autocast_matches_naive(T):
     """Short sequences train SDPA in fp32 on CPU (the bf16 backward is slow there), long ones in
@@ -351,13 +365,16 @@ def test_sdpa_training_under_cpu_autocast_matches_naive(T):
     assert cpu_bf16_backward_is_slow(probe, T) == (T < CPU_BF16_SDPA_MIN_KEYS)
     assert not cpu_bf16_backward_is_slow(probe.detach(), T)  # inference keeps bf16
     x = inputs(T=T)
-    outs, grads = {}, {}
+    outs, grads, kernels = {}, {}, KernelDtypes()
     for backend in ("sdpa", "naive"):
         mixer = make(backend, rotary=True).train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with kernels, torch.autocast("cpu", dtype=torch.bfloat16):
             outs[backend] = mixer(x)
         outs[backend].float().square().mean().backward()
         grads[backend] = mixer.qkv.weight.grad
+    # what the attention kernel itself received, after autocast's casts
+    expected = torch.float32 if T < CPU_BF16_SDPA_MIN_KEYS else torch.bfloat16
+    assert kernels.seen == [expected]
     assert outs["sdpa"].dtype == torch.bfloat16
     assert_close(outs["sdpa"].float(), outs["naive"].float(), atol=2e-2, rtol=2e-2)
     assert_close(grads["sdpa"], grads["naive"], atol=2e-2, rtol=5e-2)

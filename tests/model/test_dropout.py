@@ -75,3 +75,8 @@ def test_bad_probability():
         Dropout(1.0)
     with pytest.raises(ValueError, match="dropout probability"):
         dropout(torch.ones(3), -0.1)
+
+
+def test_probability_just_below_one_keeps_a_lane():
+    keep, scale = keep_mask(torch.Size([10]), 1 - 2**-17, torch.device("cpu"))
+    assert scale == LANES  # drops all but 1 / 2^15, finite scale
