@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -160,21 +161,14 @@ class SoftmaxAttention(Mixer):
             # SDPA's is_causal is top-left aligned: right only for Tq == Tk; one query needs none.
             mask = None if Tq in (1, Tk) else causal_mask(Tq, Tk, q.device)
             is_causal = Tq == Tk and Tq > 1
-            if cpu_bf16_backward_is_slow(q, Tk):
-                # outside autocast, which would cast the fp32 inputs straight back to bf16
-                with torch.autocast("cpu", enabled=False):
-                    y = F.scaled_dot_product_attention(
-                        q.float(),
-                        k.float(),
-                        v.float(),
-                        attn_mask=mask,
-                        dropout_p=dropout,
-                        is_causal=is_causal,
-                    )
-                return y.to(q.dtype)
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
-            )
+            upcast = cpu_bf16_backward_is_slow(q, Tk)
+            # fp32 outside autocast, which would cast the inputs straight back to bf16
+            with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+                inputs = (t.float() for t in (q, k, v)) if upcast else (q, k, v)
+                y = F.scaled_dot_product_attention(
+                    *inputs, attn_mask=mask, dropout_p=dropout, is_causal=is_causal
+                )
+            return y.to(q.dtype)
         scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(self.head_dim)  # [B,H,Tq,Tk]
         scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
         p = drop(scores.softmax(dim=-1), dropout, self.training)  # [B,H,Tq,Tk]
