@@ -139,6 +139,29 @@ def test_the_progress_bar_of_a_time_budget_has_no_fake_end():
     assert bar.total_train_batches == 40  # a finite loader (limit_train_batches) keeps its own
 
 
+def test_the_progress_bar_redraws_a_few_times_a_second(monkeypatch):
+    """Lightning's default (100 redraws a second) runs a busy render thread beside the math
+    threads; the bar also re-reads the logged metrics only when a redraw can show them."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lmkit.callbacks import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    assert bar.refresh_rate <= 10
+    reads = []
+    monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, t, m: reads.append(1))
+    clock = iter([100.0, 100.01, 100.1, 100.3, 100.31])
+    monkeypatch.setattr("lmkit.callbacks.time.monotonic", lambda: next(clock))
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
+    for _ in range(4):  # train steps at t = 100, 100.01, 100.1 and 100.3
+        bar._update_metrics(trainer, None)
+    assert len(reads) == 2  # at 100 and at 100.3, a redraw period (0.25 s) apart
+    bar.on_validation_end(trainer, None)  # a new validation loss shows at once
+    assert len(reads) == 3
+
+
 def test_no_step_limit_needs_a_time_budget(tmp_path):
     with pytest.raises(ValueError, match="max_steps=-1 sets no step limit"):
         train(compose_config("trainer.max_steps=-1", run_dir=tmp_path))
