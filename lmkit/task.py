@@ -223,7 +223,10 @@ class LanguageModelTask(L.LightningModule):
             raise ValueError(
                 f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}; lmkit clips by norm"
             )
-        params = [p for p in self.parameters() if p.grad is not None]
+        # the optimizer's own list: no walk over the module tree every step
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
         if not params:
             return
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # the raw gradient's size
