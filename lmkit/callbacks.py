@@ -94,7 +94,7 @@ class TrainingProgressBar(RichProgressBar):
 
     Why not Lightning's default of 100 redraws a second: the bar's refresh thread wakes at that
     rate and renders in Python, taking the GIL and a core from the math threads. On a 2-core CPU
-    that cost the 64-token Shakespeare recipe (a 22 ms step) 1 ms per step (scripts/bench.py).
+    that cost the 64-token Shakespeare recipe (fp32, a 22 ms step) 1 ms per step (bench.py).
     For the same reason the logged metrics are re-read only when a redraw can show them.
     """
 
@@ -103,10 +103,11 @@ class TrainingProgressBar(RichProgressBar):
         self._metrics_read_at = -math.inf
 
     def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        now = time.monotonic()
-        if now - self._metrics_read_at < 1 / self.refresh_rate:
-            return
-        self._metrics_read_at = now
+        if self.is_enabled:
+            now = time.monotonic()
+            if now - self._metrics_read_at < 1 / self.refresh_rate:
+                return
+            self._metrics_read_at = now
         super()._update_metrics(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
