@@ -146,21 +146,26 @@ def test_the_progress_bar_redraws_a_few_times_a_second(monkeypatch):
 
     from lightning.pytorch.callbacks import RichProgressBar
 
+    from lmkit import callbacks
     from lmkit.callbacks import TrainingProgressBar
 
     bar = TrainingProgressBar()
-    assert bar.refresh_rate <= 10
+    assert bar.refresh_rate == 4
     reads = []
     monkeypatch.setattr(RichProgressBar, "_update_metrics", lambda self, t, m: reads.append(1))
-    clock = iter([100.0, 100.01, 100.1, 100.3, 100.31])
-    monkeypatch.setattr("lmkit.callbacks.time.monotonic", lambda: next(clock))
+    period = 1 / bar.refresh_rate
+    now = [100.0]
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: now[0]))
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"))
-    for _ in range(4):  # train steps at t = 100, 100.01, 100.1 and 100.3
+    for offset in (0.0, 0.04, 0.4, 1.2):  # train steps, in redraw periods from the first
+        now[0] = 100.0 + offset * period
         bar._update_metrics(trainer, None)
-    assert len(reads) == 2  # at 100 and at 100.3, a redraw period (0.25 s) apart
-    bar.on_validation_end(trainer, None)  # a new validation loss shows at once
-    assert len(reads) == 3
+    assert len(reads) == 2  # the first step, and the one a whole period after it
+    bar.on_validation_end(trainer, None)  # a new validation loss shows at once ...
+    bar.on_train_epoch_end(trainer, None)  # ... and so do an epoch's last figures
+    assert len(reads) == 4
     TrainingProgressBar(refresh_rate=0)._update_metrics(trainer, None)  # disabled: no 1 / 0
+    assert len(reads) == 5  # and Lightning's own method decides what a disabled bar does
 
 
 def test_no_step_limit_needs_a_time_budget(tmp_path):
