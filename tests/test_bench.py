@@ -115,6 +115,7 @@ def test_bench_script_saves_its_figures(tmp_path):
     assert train["tokens_per_s"] > 0 and figures["label"].startswith("SoftmaxAttention")
     assert train["precision"] == "32-true" and train["flops_per_token"]["train"] > 0
     assert 0 < train["mfu"] and train["lightning_over_bare"] > 0  # --bare ran the plain loop
+    assert len(train["lightning_over_bare_rounds"]) == 2  # bench.rounds: one pair per round
     assert train["matmul_peak"]["fp32"]["flops_per_s"] > 0 and "bf16" in train["matmul_peak"]
     assert "Lightning / bare throughput" in done.stdout
 
