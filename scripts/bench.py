@@ -63,7 +63,7 @@ def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
     # Rounds alternate the paths, and each path keeps its fastest round: step times drift by a
     # few percent between runs on a shared CPU, more than the framework's overhead.
     runs: dict[str, dict] = {}
-    pairs = []  # each round's Lightning / bare: back-to-back runs share the machine's mood
+    pairs = []  # each round's Lightning / bare: back-to-back runs see the same machine state
     for _ in range(max(1, b.rounds)):
         this_round = {}
         for name, timed in paths.items():
