@@ -95,8 +95,8 @@ class TrainingProgressBar(RichProgressBar):
     Why not Lightning's default of 100 redraws a second: the bar's refresh thread wakes at that
     rate and renders in Python, taking the GIL and a core from the math threads. On a 2-core CPU
     that cost the 64-token Shakespeare recipe (fp32, a 20 ms step) 0.7 ms per step (bench.py).
-    For the same reason the logged metrics are re-read only when a redraw can show them. In a
-    notebook Lightning has no refresh thread and redraws at every step whatever the rate.
+    For the same reason the logged metrics are re-read only when a redraw can show them. In an
+    interactive session (a notebook) Lightning redraws at every step whatever the rate.
     """
 
     def __init__(self, refresh_rate: int = 4, **kwargs) -> None:

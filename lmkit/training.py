@@ -238,7 +238,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
     Measured on a 2-core AMX CPU (scripts/bench.py, Lightning path, alternating runs): bf16-mixed
     is 1.2x faster than 32-true for the default model (4 x 128, T=256), 2.1x at 6 x 384 and
-    1.3-1.5x for the 64-token shakespeare_char_cpu recipe, which reached the same val loss either
+    1.3-1.55x for the 64-token shakespeare_char_cpu recipe, which reached the same val loss either
     way (1.8955 against 1.8958 after its 2000 steps; docs/throughput.md). Without native bf16,
     autocast only adds casts around emulated matmuls.
     """

@@ -10,7 +10,9 @@ callbacks, real data, no validation): median ms/step and tokens/s after warm-up,
 model FLOPs per token (lmkit.flops: every mixer, MLP and head matmul), achieved FLOP/s, and MFU
 against this machine's matmul peak, which bench measures itself (fp32 and bf16 GEMMs at the
 model's shapes). --bare (bench.bare=true) also runs the same model, data, optimizer and
-precision in a plain PyTorch loop and prints the Lightning/bare throughput ratio.
+precision in a plain PyTorch loop and prints the Lightning/bare throughput ratio: of each path's
+fastest run, and the median and range of each round's back-to-back pair (lightning_over_bare and
+lightning_over_bare_rounds in the saved figures).
 layer: forward+backward ms and peak memory of one mixer layer (d_model of the config) per T.
 decode: ms per generated token with the caches filled to each of bench.decode_positions
 (positional tables are sized to fit; use model/embedding=rope or none for unbounded models).
@@ -61,7 +63,7 @@ def train_figures(cfg: DictConfig, console: Console, label: str) -> dict:
     if b.bare:
         paths["bare"] = functools.partial(bare_step_timings, device=b.device)
     # Rounds alternate the paths, and each path keeps its fastest round: step times drift by a
-    # few percent between runs on a shared CPU, more than the framework's overhead.
+    # few percent between runs on a shared CPU, as much as the framework's overhead.
     runs: dict[str, dict] = {}
     pairs = []  # each round's Lightning / bare: back-to-back runs see the same machine state
     for _ in range(max(1, b.rounds)):

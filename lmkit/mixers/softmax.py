@@ -55,10 +55,12 @@ def causal_mask(Tq: int, Tk: int, device: torch.device | None = None) -> Tensor:
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
 
 
-# Below this many keys, torch's CPU flash-attention backward is 2-4x slower in bf16 than in fp32
-# (torch 2.13, 2-core AMX CPU, [16, 4, T, 64] forward + backward: T=64 11.6 against 4.9 ms,
-# T=86 17.6 against 7.7, T=128 21.9 against 12.9; T=192 19.6 against 21.2). Training there runs
-# SDPA in fp32 instead; the forward alone stays in bf16, where it is faster at every length.
+# Below this many keys, torch's CPU flash-attention is 1.7-2.4x slower in bf16 than in fp32 for
+# forward + backward (torch 2.13, 2-core AMX CPU, [16, 4, T, 64], sixth session: T=64 11.6 against
+# 4.9 ms, T=86 17.6 against 7.7, T=128 21.9 against 12.9; T=192 19.6 against 21.2). The seventh
+# session found fp32 ahead up to T=256 and bf16 from T=320 (docs/throughput.md); the threshold
+# stays where both agree. Training there runs SDPA in fp32 instead; the forward alone (no grad)
+# stays in bf16, where it is faster at every length.
 CPU_BF16_SDPA_MIN_KEYS = 160
 
 
