@@ -81,19 +81,21 @@ def _chunk_starts_(starts: Tensor, decay: Tensor, b: Tensor, a: Tensor, chunk: i
     torch.prod(a, dim=1, out=decay)
     if b.shape[0] == 1:
         return
-    end = b[:-1, 0].clone()  # [K - 1, B, D, N]: the last chunk's end is not needed
+    bs, as_ = b[:-1].unbind(1), a[:-1].unbind(1)  # per position: views made once, not per step
+    end = bs[0].clone()  # [K - 1, B, D, N]: the last chunk's end is not needed
     for i in range(1, chunk):
-        torch.addcmul(b[:-1, i], a[:-1, i], end, out=end)
+        torch.addcmul(bs[i], as_[i], end, out=end)
     for k in range(b.shape[0] - 1):
         torch.addcmul(end[k], decay[k], starts[k], out=starts[k + 1])
 
 
 def _scan_(h: Tensor, a: Tensor, starts: Tensor, chunk: int) -> None:
     """In place h_t <- a_t h_{t-1} + h_t (h holds b on entry), each chunk from its start state."""
-    h, a = h.unflatten(0, (-1, chunk)), a.unflatten(0, (-1, chunk))  # [K, C, B, D, N]
-    h[:, 0].addcmul_(a[:, 0], starts)
+    hs = h.unflatten(0, (-1, chunk)).unbind(1)  # C views [K, B, D, N], one per position
+    as_ = a.unflatten(0, (-1, chunk)).unbind(1)
+    hs[0].addcmul_(as_[0], starts)
     for i in range(1, chunk):
-        h[:, i].addcmul_(a[:, i], h[:, i - 1])
+        hs[i].addcmul_(as_[i], hs[i - 1])
 
 
 def _reverse_scan_(g: Tensor, a: Tensor, decay: Tensor, q: Tensor, chunk: int) -> Tensor:
@@ -103,18 +105,19 @@ def _reverse_scan_(g: Tensor, a: Tensor, decay: Tensor, q: Tensor, chunk: int) -
     reaching the segment's last state from the next segment, the return value the one leaving it.
     decay: each chunk's product of a. The same two-level scheme as the forward, run backwards.
     """
-    g, a = g.unflatten(0, (-1, chunk)), a.unflatten(0, (-1, chunk))  # [K, C, B, D, N]
-    first = g[:, -1].clone()  # [K, B, D, N]
+    gs = g.unflatten(0, (-1, chunk)).unbind(1)  # C views [K, B, D, N], one per position
+    as_ = a.unflatten(0, (-1, chunk)).unbind(1)
+    first = gs[-1].clone()  # [K, B, D, N]
     for i in range(chunk - 2, -1, -1):
-        torch.addcmul(g[:, i], a[:, i + 1], first, out=first)
-    leaving = first.mul_(a[:, 0])  # each chunk's own gradient to the state before it
+        torch.addcmul(gs[i], as_[i + 1], first, out=first)
+    leaving = first.mul_(as_[0])  # each chunk's own gradient to the state before it
     entering = torch.empty_like(leaving)  # gradient reaching each chunk's last state
     entering[-1] = q
-    for k in range(g.shape[0] - 1, 0, -1):
+    for k in range(len(leaving) - 1, 0, -1):
         torch.addcmul(leaving[k], decay[k], entering[k], out=entering[k - 1])
-    g[:, -1].add_(entering)
+    gs[-1].add_(entering)
     for i in range(chunk - 2, -1, -1):
-        g[:, i].addcmul_(a[:, i + 1], g[:, i + 1])
+        gs[i].addcmul_(as_[i + 1], gs[i + 1])
     return torch.addcmul(leaving[0], decay[0], entering[0])
 
 
