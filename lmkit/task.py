@@ -13,8 +13,7 @@ from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
-from lmkit.callbacks import DivergenceError, divergence_message
-from lmkit.decoding.sampling import greedy_continuations
+from lmkit.errors import DivergenceError, divergence_message
 from lmkit.evaluation import (
     IGNORE_INDEX,
     correct_count,
@@ -23,7 +22,6 @@ from lmkit.evaluation import (
     token_nll,
     word_perplexity,
 )
-from lmkit.model.heads import medusa_targets
 
 
 def masked_mean_nll(logits: Tensor, targets: Tensor) -> Tensor:
@@ -84,6 +82,10 @@ class LanguageModelTask(L.LightningModule):
     `checkpoint_extras` (resolved config, tokenizer) is stored in every checkpoint under "lmkit".
     `word_counts` ({split: {"words", "scored_tokens"}}) adds `word_ppl`, the total NLL per word,
     to evaluations that score a whole split.
+
+    Subclasses change what is trained and measured through four hooks: `training_loss`,
+    `parameter_groups`, `eval_counts` (extra sums per evaluation batch) and `eval_metrics`
+    (those sums over the split -> metrics).
     """
 
     def __init__(
@@ -97,10 +99,6 @@ class LanguageModelTask(L.LightningModule):
         min_lr: float = 0.0,
         token_bytes: Tensor | None = None,
         checkpoint_extras: dict | None = None,
-        medusa_loss_decay: float = 0.8,
-        medusa_joint: bool = False,
-        medusa_base_lr_scale: float = 0.1,
-        medusa_distill_prompt: int = 0,
         word_counts: dict[str, dict[str, int]] | None = None,
     ) -> None:
         super().__init__()
@@ -132,60 +130,37 @@ class LanguageModelTask(L.LightningModule):
         self._timer: Timer | None = None  # trainer.max_time's clock (found on first use)
         self._warmup_end_s: float | None = None  # its reading when warmup ended
         self.step_times: list[float] = []
-        # Medusa heads (model.medusa): head k's loss weighs decay^k; joint adds the LM loss
-        self.medusa_loss_decay, self.medusa_joint = medusa_loss_decay, medusa_joint
-        self.medusa_base_lr_scale = medusa_base_lr_scale
-        if medusa_distill_prompt < 0:
-            raise ValueError(f"medusa.distill_prompt={medusa_distill_prompt} must be >= 0 (0: off)")
-        if medusa_distill_prompt and medusa_joint:  # experiment=medusa says so earlier
-            raise ValueError("medusa.distill_prompt (self-distillation) needs medusa.joint=false")
-        self.medusa_distill_prompt = medusa_distill_prompt
-        self._medusa_sums: Tensor | None = None
+        self._extra_sums: Tensor | None = None
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
 
+    # ---- hooks for subclasses -------------------------------------------------------------
+    def training_loss(self, x: Tensor, y: Tensor, logging: bool) -> Tensor:
+        """The loss to minimise on one batch; `logging` says whether this step's metrics reach
+        the loggers."""
+        loss = masked_mean_nll(self.model(x), y)
+        if logging:
+            self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (AdamW: decay on matrices only)."""
+        return param_groups(self.model, self.weight_decay)
+
+    def eval_counts(self, h: Tensor, y: Tensor) -> Tensor | None:
+        """Extra float64 sums of one evaluation batch from the final hidden states h [B, T, D]
+        and targets y (summed over the split and across ranks); None: none."""
+        return None
+
+    def eval_metrics(self, sums: Tensor) -> dict[str, float]:
+        """Metrics from the split's `eval_counts` sums."""
+        return {}
+
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        medusa = getattr(self.model, "medusa", None)
-        if medusa is None:
-            loss = masked_mean_nll(self.model(x), y)
-            if self._logging_step():
-                self.log("train/loss", loss, prog_bar=True)
-            return loss
-        if self.medusa_distill_prompt:
-            x, y = self.greedy_windows(x)
-        h = self.model.hidden_states(x)
-        logging = self._logging_step()
-        if self.medusa_joint or (logging and not self.medusa_distill_prompt):
-            base = masked_mean_nll(self.model.head(h), y)
-        if logging and not self.medusa_distill_prompt:  # on its own greedy text it means little
-            self.log("train/loss", base, prog_bar=True)  # the LM's own loss, as in every run
-        loss = base if self.medusa_joint else h.new_zeros(())
-        for k, logits in enumerate(medusa(h), start=1):
-            head_loss = masked_mean_nll(logits, medusa_targets(y, k))
-            if logging:
-                self.log(f"train/medusa{k}_loss", head_loss)
-            loss = loss + self.medusa_loss_decay**k * head_loss
-        if logging:
-            self.log("train/medusa_loss", loss, prog_bar=True)
-        return loss
-
-    @torch.no_grad()
-    def greedy_windows(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Medusa self-distillation (Cai et al., 2024, sec. 2.3.2): the windows x [B, T] become
-        the base model's greedy continuations of their first medusa_distill_prompt tokens ->
-        (inputs, targets), each [B, T - 1]. Greedy acceptance keeps a head's token only when it
-        equals the base model's own argmax, so these are the targets that count at decoding.
-        Targets inside the prompt (data, not the model's choice) are IGNORE_INDEX. Each step
-        decodes T - prompt tokens one at a time, which costs more than the heads' training."""
-        # in the weights' own precision, as decoding runs: autocast could change the argmax
-        with torch.autocast(x.device.type, enabled=False):
-            sequence = greedy_continuations(self.model, x, self.medusa_distill_prompt)
-        targets = sequence[:, 1:].clone()
-        targets[:, : self.medusa_distill_prompt - 1] = IGNORE_INDEX
-        return sequence[:, :-1], targets
+        return self.training_loss(x, y, self._logging_step())
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
@@ -203,7 +178,7 @@ class LanguageModelTask(L.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether this step's metrics reach the loggers (every trainer.log_every_n_steps).
-        A self.log call costs about 1 ms of Python on a CPU, so the other steps skip it."""
+        A self.log call is costly Python next to a small CPU step, so the other steps skip it."""
         connector = getattr(self._trainer, "_logger_connector", None)  # Lightning's own test
         return bool(getattr(connector, "should_update_logs", True))
 
@@ -233,26 +208,16 @@ class LanguageModelTask(L.LightningModule):
         # 16-mixed: the grad scaler skips overflowing steps itself (DivergenceGuard watches the
         # loss there). Elsewhere a non-finite norm must stop the run before the update.
         if self.trainer.precision != "16-mixed" and not torch.isfinite(norm):
-            raise DivergenceError(divergence_message(self.trainer, "a gradient is not finite"))
+            raise DivergenceError(
+                divergence_message(self.trainer.global_step, "a gradient is not finite")
+            )
         if self._logging_step():
             self.log("grad_norm", norm)
         if gradient_clip_val:
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def configure_optimizers(self):
-        groups = param_groups(self.model, self.weight_decay)
-        medusa = getattr(self.model, "medusa", None)
-        if medusa is not None and self.medusa_joint and self.lr:
-            # Medusa-2: the pretrained base moves more slowly than the new heads
-            heads = {id(p) for p in medusa.parameters()}
-            base_lr = self.lr * self.medusa_base_lr_scale
-            groups = [
-                {**g, "params": [p for p in g["params"] if (id(p) in heads) == is_head]}
-                | ({} if is_head else {"lr": base_lr})
-                for is_head in (True, False)
-                for g in groups
-            ]
-            groups = [g for g in groups if g["params"]]
+        groups = self.parameter_groups()
         options = {}
         keywords = getattr(self.optimizer_factory, "keywords", {})
         adam = getattr(self.optimizer_factory, "func", None) in (
@@ -261,8 +226,7 @@ class LanguageModelTask(L.LightningModule):
         )
         fusable = self.device.type in ("cuda", "cpu")
         if adam and fusable and not {"fused", "foreach"} & keywords.keys():
-            # One kernel for every parameter. On CPU too: 3.2 ms against 17-20 ms for torch's
-            # default loop (and 22 ms foreach) per step of 4.3M parameters on a 2-core CPU.
+            # One kernel for every parameter, on CPU too (docs/throughput.md has the figures).
             options["fused"] = True
         optimizer = self.optimizer_factory(groups, **options)
         min_ratio = self.min_lr / self.lr if self.lr else 0.0
@@ -310,14 +274,9 @@ class LanguageModelTask(L.LightningModule):
         logits = self.model.head(h)
         sums = torch.stack([*nll_sums(logits, y, self.token_bytes), correct_count(logits, y)])
         self._eval_sums = sums if self._eval_sums is None else self._eval_sums + sums
-        medusa = getattr(self.model, "medusa", None)
-        if medusa is not None:  # each head's top-1 hits and scored positions
-            counts = []
-            for k, head_logits in enumerate(medusa(h), start=1):
-                yk = medusa_targets(y, k)
-                counts += [correct_count(head_logits, yk), (yk != IGNORE_INDEX).sum().double()]
-            counts = torch.stack(counts)
-            self._medusa_sums = counts if self._medusa_sums is None else self._medusa_sums + counts
+        extra = self.eval_counts(h, y)
+        if extra is not None:
+            self._extra_sums = extra if self._extra_sums is None else self._extra_sums + extra
 
     def _eval_end(self, prefix: str) -> None:
         sums = (
@@ -329,13 +288,10 @@ class LanguageModelTask(L.LightningModule):
         counts = self.word_counts.get(prefix)
         if counts and int(sums[1]) == counts["scored_tokens"]:  # only over the whole split
             metrics["word_ppl"] = word_perplexity(float(sums[0]), counts["words"])
-        if self._medusa_sums is not None:
-            counts = self.trainer.strategy.reduce(
-                self._medusa_sums.to(self.device), reduce_op="sum"
-            )
-            self._medusa_sums = None
-            for k, (hits, scored) in enumerate(counts.view(-1, 2).tolist(), start=1):
-                metrics[f"medusa{k}_acc"] = hits / max(scored, 1.0)
+        if self._extra_sums is not None:
+            extra = self.trainer.strategy.reduce(self._extra_sums.to(self.device), reduce_op="sum")
+            self._extra_sums = None
+            metrics.update(self.eval_metrics(extra))
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=name == "loss", rank_zero_only=False)
         in_fit = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking

@@ -1,32 +1,42 @@
 """Training throughput and MFU of every mixer at one config, in one table.
 
   python scripts/bench_mixers.py model.d_model=384 model.num_layers=6 model.num_heads=6 \\
-      data.block_size=256 data.batch_size=8 --bare
+      data.block_size=256 data.batch_size=8 bench.bare=true
+  python scripts/bench_mixers.py mixers=[softmax,linear] out=docs/mixers.md bench.steps=40
 
 Each mixer preset in conf/model/mixer runs `scripts/bench.py bench.what=[train]` in its own
-process (peak memory is a per-process figure), one after the other; every other argument
-(--bare, --steps N, Hydra overrides) goes to each run. --mixers a,b picks some; --out FILE.md
-also writes the table as markdown, with the figures as JSON beside it.
+process (peak memory is a per-process figure), one after the other; every other override
+(bench.bare=true, bench.steps=N, model.d_model=..., ...) goes to each run. mixers=[a,b] picks
+some; out=FILE.md also writes the table as markdown, with the figures as JSON beside it
+(conf/bench_mixers.yaml).
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from rich.console import Console
-from rich.table import Table
+
+from lmkit.run.bench_report import print_mixers, write_mixers
+from lmkit.run.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ("mixer", "params", "MFLOPs / token", "ms / step", "tokens / s", "GFLOP/s", "MFU")
+OWN_KEYS = ("mixers", "out")  # this script's options: not forwarded to bench.py
 
 
 def mixer_presets() -> list[str]:
     return sorted(p.stem for p in (REPO / "conf" / "model" / "mixer").glob("*.yaml"))
+
+
+def forwarded_overrides() -> list[str]:
+    """The user's command-line overrides, less this script's own keys."""
+    overrides = HydraConfig.get().overrides.task
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in OWN_KEYS]
 
 
 def bench_one(mixer: str, args: list[str], folder: Path) -> dict:
@@ -39,54 +49,28 @@ def bench_one(mixer: str, args: list[str], folder: Path) -> dict:
     return json.loads(out.read_text())["train"]
 
 
-def row(mixer: str, f: dict) -> list[str]:
-    cells = [
-        mixer,
-        f"{f['params']:,}",
-        f"{f['flops_per_token']['train'] / 1e6:,.1f}",
-        f"{f['ms_per_step']:.1f}",
-        f"{f['tokens_per_s']:,.0f}",
-        f"{f['lightning']['flops_per_s'] / 1e9:,.1f}",
-        f"{100 * f['mfu']:.1f}%",
-    ]
-    if "lightning_over_bare" in f:
-        cells.append(f"{f['lightning_over_bare']:.3f}")
-    return cells
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mixers", help="comma-separated presets (default: all)")
-    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
-    known, rest = parser.parse_known_args()
-    mixers = known.mixers.split(",") if known.mixers else mixer_presets()
-    unknown = sorted(set(mixers) - set(mixer_presets()))
+def bench_mixers(cfg: DictConfig) -> None:
+    presets = mixer_presets()
+    chosen = cfg.mixers  # a list, or one name
+    mixers = presets if chosen is None else [chosen] if isinstance(chosen, str) else list(chosen)
+    unknown = sorted(set(mixers) - set(presets))
     if unknown:
-        raise SystemExit(f"error: unknown mixers {unknown}; choose from {mixer_presets()}")
+        raise ValueError(f"unknown mixers {unknown}; choose from {presets}")
+    args = forwarded_overrides()
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
         for mixer in mixers:
             print(f"benchmarking {mixer} ...", file=sys.stderr, flush=True)
-            figures[mixer] = bench_one(mixer, rest, Path(folder))
-    first = next(iter(figures.values()))
-    columns = list(COLUMNS) + (["Lightning / bare"] if "lightning_over_bare" in first else [])
-    table = Table(
-        title=f"training throughput per mixer ({first['precision']}, MFU against the "
-        f"{first['mfu_basis']} matmul peak)"
-    )
-    for col in columns:
-        table.add_column(col, justify="left" if col == "mixer" else "right")
-    rows = [row(m, f) for m, f in figures.items()]
-    for cells in rows:
-        table.add_row(*cells)
-    Console().print(table)
-    if known.out:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-        known.out.parent.mkdir(parents=True, exist_ok=True)
-        known.out.write_text("\n".join(lines) + "\n")
-        known.out.with_suffix(".json").write_text(json.dumps(figures, indent=2))
-        print(f"written: {known.out}", file=sys.stderr)
+            figures[mixer] = bench_one(mixer, args, Path(folder))
+    print_mixers(Console(), figures)
+    if cfg.out:
+        write_mixers(Path(cfg.out), figures)
+        print(f"written: {cfg.out}", file=sys.stderr)
+
+
+@hydra.main(config_path="../conf", config_name="bench_mixers", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_cli(bench_mixers, cfg)
 
 
 if __name__ == "__main__":

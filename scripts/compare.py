@@ -1,4 +1,4 @@
-"""Compare the runs of a sweep: python scripts/compare.py <sweep dir>
+"""Compare the runs of a sweep: python scripts/compare.py sweep_dir=<sweep dir>
 
 Writes <sweep dir>/report.md with a table per run (params, val/test perplexity, bits per byte,
 tokens/s, peak memory, wall time, MQAR accuracy) plus the n-gram baseline row, and PNG plots:
@@ -7,20 +7,19 @@ where runs measured it), MQAR accuracy against width. Runs that failed are liste
 error. A multirun of scripts/train.py writes this report by itself when it ends.
 """
 
-import sys
+import hydra
+from omegaconf import DictConfig
 
-from lmkit.cli import run_cli
 from lmkit.report import write_report
+from lmkit.run.cli import run_cli
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    report = run_cli(write_report, argv[0])
+@hydra.main(config_path="../conf", config_name="compare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    report = run_cli(lambda: write_report(cfg.sweep_dir))
     print(report.read_text())
     print(f"written: {report}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,17 +1,18 @@
 """Export a checkpoint's weights to safetensors (config and tokenizer in the metadata).
 
-python scripts/export.py ckpt=outputs/.../checkpoints/last.ckpt out=model.safetensors
+  python scripts/export.py ckpt=outputs/.../checkpoints/last.ckpt out=model.safetensors
 """
 
-from lmkit.checkpoint import export_safetensors
-from lmkit.cli import parse_key_values, run_cli
+import hydra
+from omegaconf import DictConfig
 
-DEFAULTS = {"ckpt": "???", "out": "model.safetensors"}
+from lmkit.run.checkpoint import export_safetensors
+from lmkit.run.cli import run_cli
 
 
-def main() -> None:
-    args = parse_key_values(DEFAULTS, __doc__)
-    print(f"wrote {run_cli(export_safetensors, args.ckpt, args.out)}")
+@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    print(f"wrote {run_cli(lambda: export_safetensors(cfg.ckpt, cfg.out))}")
 
 
 if __name__ == "__main__":

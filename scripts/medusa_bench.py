@@ -13,57 +13,42 @@ greedy decoding token for token.
 
 import json
 
+import hydra
 import torch
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.checkpoint import restore
-from lmkit.cli import parse_key_values, run_cli
-from lmkit.decoding.medusa import (
-    calibrate_tree,
-    calibration_text,
-    calibration_windows,
-    speedup_report,
-    timed_greedy,
-)
-from lmkit.training import build_datamodule
-
-DEFAULTS = {
-    "ckpt": "???",
-    "prompts": 20,
-    "prompt_len": 8,
-    "max_new_tokens": 48,
-    "tree_nodes": 8,  # fastest on this CPU, where every verified node costs compute
-    "acceptance": "greedy",
-    "threads": None,
-}
+from lmkit.medusa.decode import speedup_report, timed_greedy
+from lmkit.medusa.tree import calibrate_tree, calibration_text, calibration_windows
+from lmkit.run.build import build_datamodule
+from lmkit.run.checkpoint import restore
+from lmkit.run.cli import run_cli
 
 
-def bench(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(int(args.threads))
-    restored = restore(args.ckpt)
+def bench(cfg: DictConfig) -> dict:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    restored = restore(cfg.ckpt)
     model = restored.model
-    if model.medusa is None:
-        raise ValueError(f"{args.ckpt} has no Medusa heads; train them with experiment=medusa")
+    if getattr(model, "heads", None) is None:
+        raise ValueError(f"{cfg.ckpt} has no Medusa heads; train them with experiment=medusa")
     datamodule = build_datamodule(restored.config)
     datamodule.prepare()
-    windows = calibration_windows(datamodule, args.prompts + 32)  # prompts, then the fit
-    calibration = calibration_text(model, windows[args.prompts :], args.acceptance, args.prompt_len)
-    tree = calibrate_tree(model, calibration, args.tree_nodes)
-    prompts = [windows[i : i + 1, : args.prompt_len] for i in range(args.prompts)]
+    windows = calibration_windows(datamodule, cfg.prompts + 32)  # prompts, then the fit
+    calibration = calibration_text(model, windows[cfg.prompts :], cfg.acceptance, cfg.prompt_len)
+    tree = calibrate_tree(model, calibration, cfg.tree_nodes)
+    prompts = [windows[i : i + 1, : cfg.prompt_len] for i in range(cfg.prompts)]
     timed_greedy(model, prompts[0], 4)  # warm-up
-    report = speedup_report(
-        model, prompts, args.max_new_tokens, tree=tree, acceptance=args.acceptance
-    )
+    options = {"tree": tree, "acceptance": cfg.acceptance}
+    report = speedup_report(model, prompts, cfg.max_new_tokens, **options)
     mixer = restored.config.model.mixer._target_.rsplit(".", 1)[-1]
-    report.update({"mixer": mixer, "tree_nodes": len(tree), "acceptance": args.acceptance})
-    return report
+    return {**report, "mixer": mixer, "tree_nodes": len(tree), "acceptance": cfg.acceptance}
 
 
-def main() -> None:
-    args = parse_key_values(DEFAULTS, __doc__)
-    report = run_cli(bench, args)
+@hydra.main(config_path="../conf", config_name="medusa_bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    report = run_cli(bench, cfg)
     table = Table(
         title=f"Medusa vs greedy, batch 1: {report['mixer']}, {report['tree_nodes']} nodes"
     )

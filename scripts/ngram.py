@@ -16,9 +16,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.cli import run_cli
 from lmkit.ngram import baseline_metrics
-from lmkit.training import build_datamodule, peak_memory_mb
+from lmkit.run.build import build_datamodule
+from lmkit.run.cli import run_cli
+from lmkit.run.runtime import peak_memory_mb
 
 
 def fit_and_score(cfg: DictConfig) -> dict:

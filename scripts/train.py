@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from lmkit.cli import run_cli
-from lmkit.sweep import is_multirun, run_sweep_job
-from lmkit.training import train
+from lmkit.run.cli import run_cli
+from lmkit.run.sweep import is_multirun, run_sweep_job
+from lmkit.run.train import train
 
 
 def fmt(value: float | int | str) -> str:

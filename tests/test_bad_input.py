@@ -8,7 +8,7 @@ import pytest
 import torch
 from support import REPO
 
-from lmkit.training import train
+from lmkit.run.train import train
 
 
 def assert_refused(cfg, error, match):
@@ -131,7 +131,7 @@ def test_checkpoint_path_that_does_not_exist(tiny_config, tmp_path):
 
 
 def test_divergence_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_config):
-    from lmkit.callbacks import DivergenceError
+    from lmkit.errors import DivergenceError
 
     cfg = tiny_config(
         "optim.optimizer.lr=1e30",
@@ -142,7 +142,7 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_confi
     with pytest.raises(DivergenceError, match=r"training diverged at step \d+"):
         train(cfg)
     last = os.path.join(cfg.run_dir, "checkpoints", "last.ckpt")
-    from lmkit.checkpoint import load_checkpoint
+    from lmkit.run.checkpoint import load_checkpoint
 
     state = load_checkpoint(last)["state_dict"]  # intact and loadable
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

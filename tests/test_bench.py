@@ -10,18 +10,11 @@ import pytest
 import torch
 from support import REPO, compose_config
 
-from lmkit.bench import (
-    bare_step_timings,
-    decode_timings,
-    gemm_shapes,
-    layer_costs,
-    lightning_step_timings,
-    matmul_peak,
-    step_figures,
-)
 from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.embeddings import Embedding
+from lmkit.run.bench import bare_step_timings, lightning_step_timings
+from lmkit.run.timing import decode_timings, gemm_shapes, layer_costs, matmul_peak, step_figures
 
 
 def tiny_model() -> DecoderLM:
@@ -92,9 +85,8 @@ def test_bench_script_saves_its_figures(tmp_path):
         [
             "scripts/bench.py",
             "bench.what=[train,layer]",
-            "--steps",
-            "2",
-            "--bare",
+            "bench.steps=2",
+            "bench.bare=true",
             "bench.warmup=1",
             "bench.peak_seconds=0.01",
             "bench.seq_lens=[16,32]",
@@ -114,7 +106,7 @@ def test_bench_script_saves_its_figures(tmp_path):
     train = figures["train"]
     assert train["tokens_per_s"] > 0 and figures["label"].startswith("SoftmaxAttention")
     assert train["precision"] == "32-true" and train["flops_per_token"]["train"] > 0
-    assert 0 < train["mfu"] and train["lightning_over_bare"] > 0  # --bare ran the plain loop
+    assert 0 < train["mfu"] and train["lightning_over_bare"] > 0  # bench.bare: the plain loop ran
     assert len(train["lightning_over_bare_rounds"]) == 2  # bench.rounds: one pair per round
     assert train["matmul_peak"]["fp32"]["flops_per_s"] > 0 and "bf16" in train["matmul_peak"]
     assert "Lightning / bare throughput" in done.stdout
@@ -122,15 +114,15 @@ def test_bench_script_saves_its_figures(tmp_path):
 
 @pytest.mark.slow
 def test_bench_runs_for_every_mixer(tmp_path):
-    """scripts/bench_mixers.py: bench.py --steps 5 --bare for every mixer preset, one table."""
+    """scripts/bench_mixers.py: bench.py bench.steps=5 bench.bare=true for every mixer preset,
+    one table; its own keys (out=) stay out of the bench.py runs, the other overrides go in."""
     out = tmp_path / "mixers.md"
     done = run_script(
         [
             "scripts/bench_mixers.py",
-            f"--out={out}",
-            "--steps",
-            "5",
-            "--bare",
+            f"out={out}",
+            "bench.steps=5",
+            "bench.bare=true",
             "bench.warmup=1",
             "bench.peak_seconds=0.01",
             "model.d_model=32",
@@ -152,5 +144,33 @@ def test_bench_runs_for_every_mixer(tmp_path):
 
 
 def test_bench_mixers_refuses_an_unknown_mixer():
-    done = run_script(["scripts/bench_mixers.py", "--mixers", "softmax,nope"])
-    assert done.returncode != 0 and "unknown mixers ['nope']" in done.stderr
+    done = run_script(["scripts/bench_mixers.py", "mixers=[softmax,nope]"])
+    assert done.returncode == 2 and "unknown mixers ['nope']" in done.stderr
+
+
+def test_bench_mixers_runs_the_chosen_mixers_with_the_other_overrides(tmp_path):
+    """mixers= and out= are bench_mixers.py's own keys (bench.py would refuse them); every other
+    override reaches each bench.py run (bench.bare=true: the Lightning / bare column)."""
+    out = tmp_path / "mixers.md"
+    done = run_script(
+        [
+            "scripts/bench_mixers.py",
+            "mixers=[softmax]",
+            f"out={out}",
+            "bench.steps=2",
+            "bench.warmup=1",
+            "bench.rounds=1",
+            "bench.bare=true",
+            "bench.peak_seconds=0.01",
+            "model.d_model=32",
+            "model.num_layers=1",
+            "data.block_size=16",
+            "data.batch_size=2",
+            "trainer.precision=32-true",
+        ]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.with_suffix(".json").read_text())
+    assert list(figures) == ["softmax"] and figures["softmax"]["lightning_over_bare"] > 0
+    assert len(figures["softmax"]["lightning_over_bare_rounds"]) == 1  # bench.rounds=1 went in
+    assert "| softmax |" in out.read_text() and "Lightning / bare" in out.read_text()

@@ -53,7 +53,7 @@ def test_causal_conv1d_kernel_matches_nn_conv1d():
 
 
 def test_training_on_the_gpu_preset(tmp_path):
-    from lmkit.training import train
+    from lmkit.run.train import train
 
     gpu = ["trainer=gpu", "trainer.accelerator=gpu", "trainer.precision=auto"]  # over TINY's cpu
     cfg = compose_config(*gpu, "trainer.max_steps=5", "ngram.enabled=false", run_dir=tmp_path)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from support import CONF, compose_config
 
-from lmkit.training import build_datamodule, train
+from lmkit.run.build import build_datamodule
+from lmkit.run.train import train
 
 pytestmark = pytest.mark.slow
 MIXERS = sorted(p.stem for p in (CONF / "model" / "mixer").glob("*.yaml"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from support import REPO
 
-from lmkit.checkpoint import export_safetensors, load_checkpoint
+from lmkit.run.checkpoint import export_safetensors, load_checkpoint
 
 pytestmark = pytest.mark.slow
 

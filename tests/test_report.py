@@ -128,7 +128,7 @@ def test_mqar_sweep_plots_accuracy_against_width(tmp_path):
 def test_compare_script(tmp_path):
     make_job(tmp_path / "0", "softmax", results=text_results(1.9, 100))
     done = subprocess.run(
-        [sys.executable, "scripts/compare.py", str(tmp_path)],
+        [sys.executable, "scripts/compare.py", f"sweep_dir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -138,7 +138,7 @@ def test_compare_script(tmp_path):
     assert "| mixer=softmax | softmax |" not in done.stdout  # one run: labelled by its folder
     assert "| 0 | softmax | 100 |" in done.stdout and (tmp_path / "report.md").is_file()
     missing = subprocess.run(
-        [sys.executable, "scripts/compare.py", str(tmp_path / "nope")],
+        [sys.executable, "scripts/compare.py", f"sweep_dir={tmp_path / 'nope'}"],
         cwd=REPO,
         capture_output=True,
         text=True,

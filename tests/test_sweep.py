@@ -38,7 +38,8 @@ def test_sweep_goes_past_a_failed_job_and_reports(tmp_path):
         "model/mixer=softmax,linear",
         "model.num_heads=4,3",
         "logger=wandb",
-        "bench_seq_lens=[16,32]",
+        "+callbacks=layer_bench",
+        "callbacks.layer_bench.seq_lens=[16,32]",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())

@@ -8,8 +8,8 @@ import pytest
 import torch
 from support import compose_config
 
-from lmkit.checkpoint import load_checkpoint, restore
-from lmkit.training import train
+from lmkit.run.checkpoint import load_checkpoint, restore
+from lmkit.run.train import train
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +88,14 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
 
 
 def test_precision_auto_follows_the_device(monkeypatch):
-    from lmkit import training
+    from lmkit.run import runtime
 
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
-    assert training.resolve_precision("auto", "cpu") == "bf16-mixed"  # AMX: measured faster
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
-    assert training.resolve_precision("auto", "cpu") == "32-true"
-    assert training.resolve_precision("32-true", "gpu") == "32-true"  # explicit choices stay
-    assert training.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", "cpu") == "bf16-mixed"  # AMX: measured faster
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", "cpu") == "32-true"
+    assert runtime.resolve_precision("32-true", "gpu") == "32-true"  # explicit choices stay
+    assert runtime.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
 
 
 def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
@@ -125,7 +125,7 @@ def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
 def test_the_progress_bar_of_a_time_budget_has_no_fake_end():
     from types import SimpleNamespace
 
-    from lmkit.callbacks import TrainingProgressBar
+    from lmkit.run.callbacks import TrainingProgressBar
 
     bar = TrainingProgressBar()
     bar._trainer = SimpleNamespace(max_steps=-1, max_epochs=-1, num_training_batches=2**40)
@@ -146,8 +146,8 @@ def test_the_progress_bar_redraws_a_few_times_a_second(monkeypatch):
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from lmkit import callbacks
-    from lmkit.callbacks import TrainingProgressBar
+    from lmkit.run import callbacks
+    from lmkit.run.callbacks import TrainingProgressBar
 
     bar = TrainingProgressBar()
     assert bar.refresh_rate == 4
@@ -174,24 +174,24 @@ def test_no_step_limit_needs_a_time_budget(tmp_path):
 
 
 def test_precision_auto_on_gpus(monkeypatch):
-    from lmkit import training
+    from lmkit.run import runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert training.resolve_precision("auto", "gpu") == "bf16-mixed"
-    assert training.resolve_precision("auto", "auto") == "bf16-mixed"
+    assert runtime.resolve_precision("auto", "gpu") == "bf16-mixed"
+    assert runtime.resolve_precision("auto", "auto") == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert training.resolve_precision("auto", "gpu") == "16-mixed"  # pre-Ampere
+    assert runtime.resolve_precision("auto", "gpu") == "16-mixed"  # pre-Ampere
 
 
 def test_runtime_settings_resolve_into_the_config(monkeypatch):
-    from lmkit import training
+    from lmkit.run import runtime
 
-    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     before = torch.get_float32_matmul_precision()
-    cfg = compose_config("trainer.precision=auto", "float32_matmul_precision=high")
+    cfg = compose_config("trainer.precision=auto", "runtime.float32_matmul_precision=high")
     try:
-        training.apply_runtime_settings(cfg)
+        runtime.apply_runtime_settings(cfg)
         assert cfg.trainer.precision == "32-true"  # what ran is what the checkpoint records
         assert torch.get_float32_matmul_precision() == "high"
     finally:
@@ -225,7 +225,7 @@ def test_word_normalized_perplexity_of_a_whole_split(tmp_path):
 
     from lmkit.evaluation import count_words
     from lmkit.ngram import baseline_metrics
-    from lmkit.training import build_datamodule
+    from lmkit.run.build import build_datamodule
 
     wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
     val_text = Path(f"{wiki}/test.txt").read_text()[:6000]
@@ -275,7 +275,7 @@ def test_no_word_perplexity_over_part_of_a_split(small_run):
 def test_the_word_level_baseline_ignores_the_runs_block_size(tmp_path):
     """A split long enough in characters for the run's windows may hold fewer words than a
     window: the n-gram reads no windows, so the word-level baseline still fits."""
-    from lmkit.training import word_level_baseline
+    from lmkit.run.baselines import word_level_baseline
 
     wiki = os.path.join(os.environ["LMKIT_DATA_DIR"], "wikitext-2")
     val_text = Path(f"{wiki}/test.txt").read_text()[:6000]  # about 1,100 words
@@ -296,7 +296,7 @@ def test_the_word_level_baseline_ignores_the_runs_block_size(tmp_path):
 def test_malloc_keeps_freed_memory_on_glibc():
     import platform
 
-    from lmkit.training import keep_freed_memory
+    from lmkit.run.runtime import keep_freed_memory
 
     assert keep_freed_memory() == (
         platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

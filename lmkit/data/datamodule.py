@@ -11,8 +11,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import lightning
 import numpy as np
 import tokenizers as hf_tokenizers
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from lmkit.data.corpora import (
     CORPORA,
@@ -33,65 +32,21 @@ from lmkit.data.corpora import (
     sha256_of,
 )
 from lmkit.data.tokenizers import Tokenizer, check_tokenizer_config, train_tokenizer
+from lmkit.data.windows import (
+    EvalWindows,
+    StepIndexedTraining,
+    StepSampler,
+    TokenFile,
+    TrainLoader,
+    TrainWindows,
+)
 from lmkit.evaluation import count_words
+from lmkit.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # targets of padding in the last evaluation window
 _CACHE_VERSION = 1  # bump when the cache layout or the tokenization changes
 _ENCODE_BATCH_LINES = 1000
-UNBOUNDED_STEPS = 2**40  # the train loader's length when max_steps is not given
-
-
-class StepIndexedTraining:
-    """Resumable training order for data modules whose train batch ``s`` is a pure function of
-    (seed, s, rank): the state is the number of train batches consumed, stored in checkpoints."""
-
-    seed: int
-    start_step: int = 0
-    trainer: Any
-    ngram_baseline = True  # the data is a token stream an n-gram model can be fit on
-
-    def set_start_step(self, step: int) -> None:
-        """Make the next train loader start at train batch ``step`` (0 = the beginning)."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        self.start_step = int(step)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The train batches consumed so far: Lightning stores this in every checkpoint."""
-        return {"step": self._consumed_batches(), "seed": self.seed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("seed", self.seed) != self.seed:
-            log.warning(
-                "resuming with seed=%s but the checkpoint used seed=%s: the data order changes",
-                self.seed,
-                state_dict["seed"],
-            )
-        self.set_start_step(int(state_dict["step"]))
-
-    def _train_rank_and_length(self) -> tuple[int, int]:
-        """This process's rank (part of the batch seed) and the train loader's length in
-        batches: ``max_steps * accumulate_grad_batches``, unbounded without max_steps."""
-        trainer = self.trainer
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if trainer is not None and trainer.world_size > 1 and connector.use_distributed_sampler:
-            raise ValueError(
-                f"{type(self).__name__} gives each rank its own batches, and a distributed "
-                "sampler would reorder its steps; set trainer.use_distributed_sampler=false"
-            )
-        rank = int(trainer.global_rank) if trainer is not None else 0
-        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
-        max_steps = getattr(self, "max_steps", None)
-        return rank, (max_steps * accumulate if max_steps else UNBOUNDED_STEPS)
-
-    def _consumed_batches(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return self.start_step
-        # a checkpoint is taken at an optimizer step boundary
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
 
 
 class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
@@ -278,13 +233,13 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         token_bytes = tokenizer.token_bytes
         for split, ds in splits.items():
             ids = _encode(ds, tokenizer, split, fingerprint).astype(dtype)
-            _atomic_write(cache_dir / f"{split}.bin", ids.tobytes())
+            atomic_write(cache_dir / f"{split}.bin", ids.tobytes())
             meta["tokens"][split] = int(ids.size)
             meta["bytes"][split] = int(token_bytes[ids].sum())
             meta["scored_bytes"][split] = int(token_bytes[ids[1:]].sum())
-        _atomic_write(cache_dir / "tokenizer.json", tokenizer.to_json().encode())
+        atomic_write(cache_dir / "tokenizer.json", tokenizer.to_json().encode())
         # meta.json last: its presence marks a complete cache
-        _atomic_write(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
+        atomic_write(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
         return meta
 
     def _prepared(self) -> TextDataModule:
@@ -375,104 +330,6 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         )
 
 
-class TokenFile:
-    """A lazily opened read-only memmap of a ``.bin`` token file; pickles as its path, so
-    DataLoader workers open their own map instead of receiving a copy of the array."""
-
-    def __init__(self, path: Path, dtype: str) -> None:
-        self.path, self.dtype = Path(path), dtype
-        self._array: np.memmap | None = None
-
-    @property
-    def array(self) -> np.memmap:
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r")
-        return self._array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "_array": None}
-
-
-class TrainWindows(Dataset):
-    """Map-style dataset indexed by train step; item ``s`` is the whole batch of step ``s``:
-    ``batch_size`` windows at offsets drawn from a generator seeded by (seed, s, rank)."""
-
-    def __init__(
-        self, tokens: TokenFile, block_size: int, batch_size: int, seed: int, rank: int, length: int
-    ) -> None:
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.length = seed, rank, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def offsets(self, step: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step, self.rank])
-        # an offset o needs o + block_size + 1 <= n tokens
-        return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokens.array
-        T = self.block_size
-        rows = np.stack([ids[o : o + T + 1] for o in self.offsets(step)]).astype(np.int64)
-        rows = torch.from_numpy(rows)  # [B, T + 1]
-        return rows[:, :-1], rows[:, 1:]  # x, y: [B, T], y is x shifted by one
-
-
-class StepSampler(Sampler[int]):
-    """Yields train steps ``start, start + 1, ... , length - 1``; ``start`` is read from the
-    datamodule when iteration begins, so a restored ``start_step`` takes effect."""
-
-    def __init__(self, datamodule: StepIndexedTraining, length: int) -> None:
-        self.datamodule, self.length = datamodule, length
-
-    def __len__(self) -> int:
-        # the run's total; Lightning counts a resumed epoch from where the checkpoint left it
-        return self.length
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.datamodule.start_step, self.length))
-
-
-class TrainLoader(DataLoader):
-    """The train DataLoader, stateful for Lightning: its state (the datamodule's step) is saved
-    with the loop state and restored before iteration, so Lightning knows that a checkpoint
-    taken mid-epoch resumes exactly (the datamodule's own state_dict carries the same step)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        datamodule = getattr(self.sampler, "datamodule", None)
-        return datamodule.state_dict() if datamodule is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        datamodule = getattr(self.sampler, "datamodule", None)
-        if datamodule is not None and state_dict:
-            datamodule.load_state_dict(state_dict)
-
-
-class EvalWindows(Dataset):
-    """Non-overlapping windows over a split: window i has x = ids[iT : iT+T] and
-    y = ids[iT+1 : iT+T+1]; the last one is padded with x = 0, y = IGNORE_INDEX, so every
-    token after the first is a target exactly once."""
-
-    def __init__(self, tokens: TokenFile, block_size: int) -> None:
-        self.tokens, self.block_size = tokens, block_size
-
-    def __len__(self) -> int:
-        return -(-(len(self.tokens) - 1) // self.block_size)  # ceil((n - 1) / T)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.block_size
-        chunk = np.asarray(self.tokens.array[i * T : i * T + T + 1], dtype=np.int64)
-        x = torch.zeros(T, dtype=torch.long)
-        y = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
-        x[: min(len(chunk), T)] = torch.from_numpy(chunk[:T])
-        y[: len(chunk) - 1] = torch.from_numpy(chunk[1:])
-        return x, y
-
-
 def _fingerprint(corpus: Corpus, shas: dict[Path, str], tok: dict[str, Any]) -> str:
     key = {
         "version": _CACHE_VERSION,
@@ -499,17 +356,6 @@ def _read_meta(cache_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError):
         return None
     return meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _encode(ds: Any, tokenizer: Tokenizer, split: str, fingerprint: str) -> np.ndarray:

@@ -22,8 +22,8 @@ import tokenizers
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lmkit.data.datamodule import StepIndexedTraining, StepSampler, TrainLoader
 from lmkit.data.tokenizers import Tokenizer
+from lmkit.data.windows import StepIndexedTraining, StepSampler, TrainLoader
 from lmkit.evaluation import IGNORE_INDEX
 
 _VAL_STREAM, _TEST_STREAM = 1, 2  # seed words of the fixed evaluation sets
@@ -122,8 +122,7 @@ class MQARDataModule(StepIndexedTraining, lightning.LightningDataModule):
     """MQAR batches for LanguageModelTask: the loss and ``val/acc`` count answer positions only.
 
     ``block_size`` is the sequence length T, ``vocab_size`` the V of the task (keys use the lower
-    half, values the upper half). ``tokenizer`` is accepted for interface parity with
-    TextDataModule and ignored: MQAR's tokens are its own integer ids.
+    half, values the upper half). MQAR's tokens are its own integer ids: it takes no tokenizer.
     """
 
     ngram_baseline = False  # no text: the n-gram baseline does not apply
@@ -142,7 +141,6 @@ class MQARDataModule(StepIndexedTraining, lightning.LightningDataModule):
         random_non_queries: bool = True,
         seed: int = 1337,
         max_steps: int | None = None,
-        tokenizer: Any = None,
     ) -> None:
         super().__init__()
         check_mqar_config(vocab_size, block_size, num_kv_pairs)

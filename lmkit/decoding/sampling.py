@@ -100,8 +100,8 @@ def generate(
 @torch.no_grad()
 def greedy_continuations(model, windows: Tensor, prompt_len: int) -> Tensor:
     """windows [B, T] -> [B, T]: each window's first prompt_len tokens continued by the model's
-    greedy decoding (the text greedy Medusa decoding verifies against: self-distillation targets
-    for its heads, calibration text for its tree)."""
+    greedy decoding (the text that greedy speculative decoding verifies against: targets for
+    self-distilled draft heads, calibration text for their candidate trees)."""
     if not 1 <= prompt_len < windows.shape[1]:
         raise ValueError(
             f"a prompt of {prompt_len} tokens leaves nothing to continue in windows of "

@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from lmkit.flops import linear_flops
+from lmkit.ops.flops import linear_flops
 
 
 class Cache(Protocol):
@@ -17,7 +17,7 @@ class Cache(Protocol):
     length: int
 
     def select(self, rows: Tensor) -> None:
-        """Keep / reorder / repeat batch rows (beam search, Medusa candidates)."""
+        """Keep / reorder / repeat batch rows (beam search, candidates of speculative decoding)."""
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` tokens (or raise if the state cannot)."""
@@ -25,9 +25,9 @@ class Cache(Protocol):
 
 @dataclass
 class TreeStep:
-    """A Medusa verification step: N tree nodes continue the cached sequence at once. Node i
-    sits at position `positions[i]` (cache length + depth) and sees the whole cache plus the
-    nodes j with `mask[i, j]` (itself and its ancestors)."""
+    """A tree verification step (speculative decoding): N tree nodes continue the cached
+    sequence at once. Node i sits at position `positions[i]` (cache length + depth) and sees
+    the whole cache plus the nodes j with `mask[i, j]` (itself and its ancestors)."""
 
     positions: Tensor  # [N] absolute positions
     mask: Tensor  # [N, N] bool
@@ -49,7 +49,8 @@ class Mixer(nn.Module):
     `forward(x)` is the parallel (training) path. `forward(x, cache)` continues the sequence held in
     `cache` with T >= 1 new tokens and updates the cache; its outputs equal the parallel outputs.
     Mixers with `supports_tree = True` also take `forward(x, cache, tree=TreeStep)`: the new
-    tokens form a tree (Medusa verification) and their caches can `compact` to one path.
+    tokens form a tree of candidates verified in one pass, and their caches can `compact` to
+    one path.
     """
 
     supports_tree = False
@@ -78,7 +79,7 @@ class Mixer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token on a causal window of seq_len tokens: the projections (every
-        nn.Linear inside) plus the token mixing (see lmkit.flops for the conventions)."""
+        nn.Linear inside) plus the token mixing (see lmkit.ops.flops for the conventions)."""
         return linear_flops(self) + self.mixing_flops(seq_len)
 
     def mixing_flops(self, seq_len: int) -> float:  # pragma: no cover

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmkit.model.dropout import dropout as drop
+from lmkit.ops.dropout import dropout as drop
 
 # allowed(q_idx, k_idx) -> bool tensor (broadcasting), the elementwise rule in index space.
 Allowed = Callable[[Tensor, Tensor], Tensor]

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.feature_maps import FEATURE_MAPS
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.flops import mean_causal_keys
+from lmkit.ops.rotary import RotaryEmbedding
 
 MODES = ("chunk", "quadratic", "recurrent")
 

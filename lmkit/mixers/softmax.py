@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.flops import mean_causal_keys
 from lmkit.mixers.base import Mixer, TreeStep, check_heads, merge_heads, split_heads
 from lmkit.mixers.tiled_attention import tiled_attention
-from lmkit.model.dropout import dropout as drop
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.dropout import dropout as drop
+from lmkit.ops.flops import mean_causal_keys
+from lmkit.ops.rotary import RotaryEmbedding
 
 BACKENDS = ("sdpa", "naive", "tiled")
 
@@ -55,12 +55,8 @@ def causal_mask(Tq: int, Tk: int, device: torch.device | None = None) -> Tensor:
     return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(diagonal=Tk - Tq)
 
 
-# Below this many keys, torch's CPU flash-attention is 1.7-2.4x slower in bf16 than in fp32 for
-# forward + backward (torch 2.13, 2-core AMX CPU, [16, 4, T, 64], sixth session: T=64 11.6 against
-# 4.9 ms, T=86 17.6 against 7.7, T=128 21.9 against 12.9; T=192 19.6 against 21.2). The seventh
-# session found fp32 ahead up to T=256 and bf16 from T=320 (docs/throughput.md); the threshold
-# stays where both agree. Training there runs SDPA in fp32 instead; the forward alone (no grad)
-# stays in bf16, where it is faster at every length.
+# Below this many keys torch's bf16 CPU attention backward is slower than fp32's, so training runs
+# SDPA in fp32 there; the no-grad forward stays in bf16, faster at any length (docs/throughput.md).
 CPU_BF16_SDPA_MIN_KEYS = 160
 
 

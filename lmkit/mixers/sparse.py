@@ -12,12 +12,12 @@ from torch import Tensor, nn
 
 from lmkit.mixers.base import Mixer, check_heads, merge_heads, split_heads
 from lmkit.mixers.block_sparse import KeySet, gather_attention, sparse_attention
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
 
 PATTERNS = ("local", "strided", "fixed")
 COMBINES = ("union", "split")
 BACKENDS = ("block_sparse", "dense_reference")
-ROLLBACK = 64  # default tokens a cache can crop back beyond the window (a Medusa tree's size)
+ROLLBACK = 64  # tokens a cache can crop back beyond the window (a speculative candidate tree)
 MAX_GATHER = 256  # query rows per gathered chunk while decoding (bounds the gathered keys)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lmkit.mixers.base import Cache, Mixer, TreeStep
-from lmkit.model.dropout import Dropout
 from lmkit.model.norms import build_norm
+from lmkit.ops.dropout import Dropout
 
 
 class Block(nn.Module):

@@ -10,13 +10,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lmkit.flops import linear_flops, train_flops
 from lmkit.mixers.base import Cache, Mixer, TreeStep
 from lmkit.model.block import Block
 from lmkit.model.embeddings import Embedding
-from lmkit.model.heads import LMHead, MedusaHeads
+from lmkit.model.heads import LMHead
 from lmkit.model.norms import build_norm
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.flops import linear_flops, train_flops
+from lmkit.ops.rotary import RotaryEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ class DecoderLM(nn.Module):
         norm: str = "layernorm",
         tie_weights: bool = True,
         dropout: float = 0.0,
-        medusa_heads: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -98,10 +97,6 @@ class DecoderLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_blocks))
         if tie_weights:
             self.head.proj.weight = self.embedding.token.weight
-        # Medusa's look-ahead heads (0: none), initialised from the LM head after its init
-        self.medusa = MedusaHeads(d_model, vocab_size, medusa_heads) if medusa_heads else None
-        if self.medusa is not None:
-            self.medusa.init_from(self.head)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -129,8 +124,9 @@ class DecoderLM(nn.Module):
     def hidden_states(
         self, idx: Tensor, caches: list[Cache] | None = None, tree: TreeStep | None = None
     ) -> Tensor:
-        """Final-norm hidden states [B, T, D] (what the LM head and Medusa heads read). With a
-        TreeStep the T new tokens are tree nodes after the cached sequence (Medusa)."""
+        """Final-norm hidden states [B, T, D] (what the LM head, and any head a task adds,
+        reads). With a TreeStep the T new tokens are nodes of a tree of candidate continuations
+        after the cached sequence, verified in one pass."""
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
         if caches is not None and len(caches) != self.num_layers:
@@ -145,7 +141,7 @@ class DecoderLM(nn.Module):
 
     @property
     def supports_tree(self) -> bool:
-        """Whether every mixer verifies a Medusa tree with a tree attention mask."""
+        """Whether every mixer verifies a tree of candidates with a tree attention mask."""
         return all(block.mixer.supports_tree for block in self.blocks)
 
     def init_caches(
@@ -170,40 +166,15 @@ class DecoderLM(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> dict[str, float]:
         """Model FLOPs per token of a forward pass over seq_len tokens, by part: "mixer" (each
-        mixer's projections and mixing), "mlp", "head" (LM head), "medusa" (its heads, when
-        present); "forward" is their sum and "train" = 3 x forward (lmkit.flops: conventions)."""
+        mixer's projections and mixing), "mlp", "head" (LM head); "forward" is their sum and
+        "train" = 3 x forward (lmkit.ops.flops: conventions)."""
         parts = {
             "mixer": sum(block.mixer.flops_per_token(seq_len) for block in self.blocks),
             "mlp": sum(linear_flops(block.mlp) for block in self.blocks),
             "head": linear_flops(self.head),
-            "medusa": linear_flops(self.medusa),
         }
         forward = sum(parts.values())
         return {**parts, "forward": forward, "train": train_flops(forward)}
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Sample continuations of idx [B, T0] using every mixer's cache -> [B, T0 + new]."""
-        from lmkit.decoding.sampling import generate
-
-        return generate(
-            self,
-            idx,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
 
 
 def _accepts(factory: Callable[..., Mixer], option: str) -> bool:

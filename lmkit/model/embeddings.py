@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lmkit.model.dropout import Dropout
+from lmkit.ops.dropout import Dropout
 
 POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 
@@ -62,7 +62,7 @@ class Embedding(nn.Module):
 
     def forward(self, idx: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         """idx: [B, T] token ids at absolute positions offset .. offset+T-1 (or at `positions`
-        [T], e.g. the depths of a Medusa tree after the cache) -> [B, T, D]."""
+        [T], e.g. the depths of a candidate tree after the cache) -> [B, T, D]."""
         T = idx.shape[1]
         x = self.token(idx)  # [B, T, D]
         last = offset + T - 1 if positions is None else int(positions.max())

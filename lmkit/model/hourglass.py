@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmkit.flops import linear_flops, train_flops
 from lmkit.mixers.base import Cache, TreeStep
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.resampling import ResampleState, Shorten, Upsample
+from lmkit.ops.flops import linear_flops, train_flops
 
 
 class HourglassCaches(list):
@@ -49,8 +49,6 @@ class HourglassLM(DecoderLM):
             raise ValueError(
                 f"model.shorten={list(shorten)} must be a non-empty list of factors >= 1"
             )
-        if kwargs.get("medusa_heads"):
-            raise ValueError("model=hourglass does not take Medusa heads (model.medusa_heads=0)")
         num_layers = kwargs.get("num_layers", 4)
         middle = num_layers - 2 * outer_layers * len(factors)
         if outer_layers < 1:
@@ -90,7 +88,7 @@ class HourglassLM(DecoderLM):
         self, idx: Tensor, caches: list[Cache] | None = None, tree: TreeStep | None = None
     ) -> Tensor:
         if tree is not None:
-            raise ValueError("hourglass models cannot verify a Medusa tree")
+            raise ValueError("hourglass models cannot verify a candidate tree in one pass")
         if idx.dim() != 2:
             raise ValueError(f"idx must be [batch, time] token ids, got shape {tuple(idx.shape)}")
         if caches is not None and not isinstance(caches, HourglassCaches):
@@ -136,6 +134,5 @@ class HourglassLM(DecoderLM):
                 resample += self.upsamples[level].flops_per_token(length) / rate
                 rate, length = rate * k, -(-length // k)
         parts = {"mixer": mixer, "mlp": mlp, "resample": resample, "head": linear_flops(self.head)}
-        parts["medusa"] = 0.0
         forward = sum(parts.values())
         return {**parts, "forward": forward, "train": train_flops(forward)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmkit.model.dropout import Dropout
+from lmkit.ops.dropout import Dropout
 
 ACTIVATIONS = ("gelu", "swiglu")
 

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from lmkit.data import corpora, datamodule
 from lmkit.data.corpora import read_text
-from lmkit.data.datamodule import IGNORE_INDEX, TextDataModule
+from lmkit.data.datamodule import TextDataModule
+from lmkit.evaluation import IGNORE_INDEX
 
 TRAIN_CHARS, VAL_CHARS = 1_003_854, 111_540  # nanoGPT's shakespeare_char split
 

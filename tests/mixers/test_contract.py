@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from support import CONF, compose_config, uses_rotary
 
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
 
 MIXERS = sorted(p.stem for p in (CONF / "model" / "mixer").glob("*.yaml"))
 D, H, T = 32, 4, 19  # T deliberately not a multiple of any chunk or tile size

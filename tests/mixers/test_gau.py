@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from support import compose_config
 
 from lmkit.mixers.gau import GAU, GAUCache, GAUChunkCache
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
+from lmkit.run.build import build_model
 from lmkit.task import param_groups
-from lmkit.training import build_model
 
 D, T = 32, 19  # T is not a multiple of the chunk sizes below
 

@@ -15,7 +15,7 @@ from lmkit.mixers.linear import (
     quadratic_form,
     recurrent_form,
 )
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
 
 D_MODEL, NUM_HEADS = 32, 4
 

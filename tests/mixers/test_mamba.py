@@ -10,8 +10,8 @@ from support import compose_config
 import lmkit.mixers.selective_scan as ss
 from lmkit.mixers.mamba import Mamba, MambaCache
 from lmkit.mixers.selective_scan import selective_scan
+from lmkit.run.build import build_model
 from lmkit.task import param_groups
-from lmkit.training import build_model
 
 D = 16
 

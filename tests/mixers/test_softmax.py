@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmkit.mixers.softmax import BACKENDS, KVCache, SoftmaxAttention
 from lmkit.mixers.tiled_attention import tiled_attention, tiled_attention_forward
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
 
 D_MODEL, NUM_HEADS = 32, 4
 FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmkit.mixers.block_sparse import near_layouts
 from lmkit.mixers.sparse import SparseAttention, pattern_mask
-from lmkit.model.rotary import RotaryEmbedding
+from lmkit.ops.rotary import RotaryEmbedding
 
 D_MODEL, NUM_HEADS = 32, 4
 FP32 = dict(atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""model.compile=true: torch.compile on the training forward; eager, with a message, on failure."""
+"""runtime.compile=true: torch.compile on the training forward; eager, with a message, on
+failure."""
 
 import functools
 import logging
@@ -9,7 +10,7 @@ import torch
 from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.mlp import MLP
-from lmkit.training import CompileOrEager, compile_model
+from lmkit.run.runtime import CompileOrEager, compile_model
 
 
 def tiny_model() -> DecoderLM:
@@ -36,7 +37,7 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_with_one_message(monk
     compile_model(model)
     assert isinstance(model.forward, CompileOrEager)
     idx = torch.randint(0, 17, (2, 8))
-    with caplog.at_level(logging.WARNING, logger="lmkit.training"):
+    with caplog.at_level(logging.WARNING, logger="lmkit.run.runtime"):
         for _ in range(3):
             out = model(idx)
     torch.testing.assert_close(out, reference(idx))

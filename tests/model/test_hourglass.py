@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from lmkit.decoding.sampling import generate
 from lmkit.mixers.linear import LinearAttention
 from lmkit.mixers.mamba import Mamba
 from lmkit.mixers.softmax import SoftmaxAttention
@@ -114,7 +115,7 @@ def test_two_level_cached_generation_and_sampling():
     caches = model.init_caches(1, 13)
     stepwise = torch.cat([model(idx[:, t : t + 1], caches) for t in range(13)], 1)
     torch.testing.assert_close(stepwise, model(idx), rtol=1e-4, atol=1e-5)
-    out = model.generate(idx[:, :4], 9, temperature=0.0)  # greedy through the caches
+    out = generate(model, idx[:, :4], 9, temperature=0.0)  # greedy through the caches
     expected = idx[:, :4]
     for _ in range(9):  # greedy by recomputing the whole sequence at every step
         expected = torch.cat([expected, model(expected)[:, -1:].argmax(-1)], dim=1)
@@ -163,7 +164,7 @@ def test_bad_layouts_are_refused():
 def test_the_config_builds_an_hourglass_of_any_mixer():
     from support import compose_config
 
-    from lmkit.training import build_model
+    from lmkit.run.build import build_model
 
     for mixer in ("linear", "mamba"):
         cfg = compose_config("model=hourglass", f"model/mixer={mixer}", "model.num_layers=4")

@@ -1,0 +1,1 @@
+"""Numerics shared by mixers and model: rotary positions, dropout, FLOP formulas."""

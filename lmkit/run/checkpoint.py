@@ -1,0 +1,245 @@
+"""lmkit checkpoints: safe loading, restoring model and tokenizer, resume and init_from checks,
+atomic writes, export, and the upgrade of checkpoints written by earlier layouts."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf, open_dict
+from safetensors.torch import save_model
+from torch import nn
+
+from lmkit.data.tokenizers import Tokenizer
+from lmkit.files import atomic_write
+from lmkit.medusa.legacy import upgrade_legacy_medusa
+from lmkit.run.build import build_model, build_task
+
+# Sections of the config that must match for a checkpoint to continue a run.
+RESUME_MUST_MATCH = ("model", "tokenizer", "data")
+# ... except how they run, and the run-wide settings the data section interpolates (the task
+# and the data module's own state cover those): these may change between attempts.
+RESUME_MAY_DIFFER = ("eval_batch_size", "num_workers", "max_steps", "seed")
+# The sections init_from takes from its checkpoint, so that weights and token ids fit.
+INIT_FROM_SECTIONS = ("model", "tokenizer", "data")
+
+
+@dataclass
+class Restored:
+    """What a checkpoint holds: the trained model (eval mode), its tokenizer and its config."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    config: DictConfig
+    global_step: int
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True (no pickled code runs), upgraded to the current layout;
+    one clear error per failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass ckpt=<run_dir>/checkpoints/"
+            f"last.ckpt of a finished run"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint ({err}); "
+            f"use another checkpoint of the run"
+        ) from err
+    if (
+        not isinstance(checkpoint, dict)
+        or "lmkit" not in checkpoint
+        or "state_dict" not in checkpoint
+    ):
+        raise ValueError(
+            f"checkpoint {path} was not written by lmkit (no config or tokenizer "
+            f"inside); pass a checkpoint saved by scripts/train.py"
+        )
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint: dict) -> dict:
+    """A checkpoint written before the `task` and `runtime` sections existed, in today's layout:
+    the execution options move to `runtime`, the task section is the one the run used."""
+    config = checkpoint["lmkit"]["config"]
+    if "task" in config:
+        return checkpoint
+    model = config["model"]
+    config["runtime"] = {
+        "compile": bool(model.pop("compile", False)),
+        "threads": config.pop("threads", None),
+        "float32_matmul_precision": config.pop("float32_matmul_precision", None) or "highest",
+    }
+    config.pop("bench_seq_lens", None)
+    data = config["data"]
+    data.setdefault("seed", "${seed}")
+    data.setdefault("max_steps", "${trainer.max_steps}")
+    if not data["_target_"].endswith("MQARDataModule"):  # MQAR's tokens are its own ids
+        data.setdefault("tokenizer", "${tokenizer}")
+    config["init_from"] = config.pop("base_ckpt", None)
+    config["callbacks"] = {}
+    config["task"] = {
+        "_target_": "lmkit.task.LanguageModelTask",
+        "_partial_": True,
+        "optimizer": "${optim.optimizer}",
+        "weight_decay": "${optim.weight_decay}",
+        "warmup_steps": "${optim.warmup_steps}",
+        "min_lr": "${optim.min_lr}",
+        "max_steps": "${trainer.max_steps}",
+    }
+    upgrade_legacy_medusa(checkpoint)
+    return checkpoint
+
+
+def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The task's model weights of a checkpoint, without the task's `model.` prefix."""
+    prefix = "model."
+    return {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+
+
+def restore(path: str | Path) -> Restored:
+    """Rebuild the model of a checkpoint from its own config (through its task, which may wrap
+    the model in modules of its own) and load its weights."""
+    checkpoint = load_checkpoint(path)
+    extras = checkpoint["lmkit"]
+    config = OmegaConf.create(extras["config"])
+    tokenizer = Tokenizer.from_json(extras["tokenizer"])
+    task = build_task(config, build_model(config, tokenizer.vocab_size))
+    task.model.load_state_dict(model_state(checkpoint))
+    task.model.eval()
+    return Restored(task.model, tokenizer, config, int(checkpoint.get("global_step", 0)))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint through lmkit.files.atomic_write: a kill during a save leaves the
+    previous checkpoint intact, never a torn one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run dir exists and is writable, before any long work."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"run dir {run_dir} is not writable ({err.strerror}); "
+            f"set hydra.run.dir to a writable folder"
+        ) from err
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
+    """The checkpoint this run continues (ckpt_path, or last.ckpt of run_dir when resume=true)
+    and its global step, checked to exist, to be lmkit's and to hold the same model, tokenizer
+    and data; (None, 0) for a fresh run. A fresh run refuses a run dir that already holds
+    checkpoints, so that none is ever overwritten."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    path = cfg.ckpt_path
+    if cfg.resume and path is None:
+        if not last.is_file():
+            raise FileNotFoundError(
+                f"resume=true but {last} does not exist; point hydra.run.dir "
+                f"at the run dir to continue (or pass ckpt_path=...)"
+            )
+        path = str(last)
+    if path is None:
+        if last.is_file():
+            raise FileExistsError(
+                f"run dir {run_dir} already holds {last}; continue it with "
+                f"resume=true or start a new run in another hydra.run.dir"
+            )
+        return None, 0
+    checkpoint = load_checkpoint(path)
+    saved = OmegaConf.create(checkpoint["lmkit"]["config"])
+    for section in RESUME_MUST_MATCH:
+        check_same_section(saved, cfg, section, path)
+    return str(path), int(checkpoint.get("global_step", 0))
+
+
+def check_same_section(saved: DictConfig, cfg: DictConfig, section: str, path) -> None:
+    old, new = _flat(OmegaConf.select(saved, section)), _flat(OmegaConf.select(cfg, section))
+    diff = sorted(
+        k
+        for k in old.keys() | new.keys()
+        if old.get(k) != new.get(k) and not k.endswith(RESUME_MAY_DIFFER)
+    )
+    if diff:
+        pairs = ", ".join(
+            f"{section}.{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now"
+            for k in diff[:3]
+        )
+        raise ValueError(
+            f"checkpoint {path} belongs to a different run ({pairs}); resume "
+            f"with the checkpoint's config or start a new run"
+        )
+
+
+def _flat(section) -> dict:
+    if section is None:
+        return {}
+    container = OmegaConf.to_container(section, resolve=True)
+    out: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", container)
+    return out
+
+
+def adopt_init_from(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """init_from=<checkpoint>: a new run that starts from that checkpoint's model weights. Its
+    model, tokenizer and data sections replace cfg's (so weights and token ids fit); the
+    weights are checked to fit that model before any data work and returned."""
+    path = cfg.init_from
+    checkpoint = load_checkpoint(path)
+    saved = OmegaConf.create(checkpoint["lmkit"]["config"])
+    state = model_state(checkpoint)
+    vocab_size = Tokenizer.from_json(checkpoint["lmkit"]["tokenizer"]).vocab_size
+    with torch.device("meta"):
+        expected = set(build_model(saved, vocab_size).state_dict())
+    if set(state) != expected:
+        raise ValueError(
+            f"init_from={path}: its weights are not a plain {saved.model._target_} (task "
+            f"{saved.task._target_} adds {sorted(set(state) - expected)[:2]}...); give the "
+            f"checkpoint of a model trained with task=lm"
+        )
+    with open_dict(cfg):
+        for section in INIT_FROM_SECTIONS:
+            cfg[section] = saved[section]
+    return state
+
+
+def export_safetensors(ckpt: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint's model weights as safetensors (tied weights stored once), with the
+    config and tokenizer as metadata."""
+    restored = restore(ckpt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "config": OmegaConf.to_yaml(restored.config),
+        "tokenizer": restored.tokenizer.to_json(),
+        "format": "lmkit",
+    }
+    save_model(restored.model, str(out), metadata=metadata)
+    return out
