@@ -79,30 +79,8 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         max_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if corpus is None and train is None:
-            raise ValueError(
-                "no data given: choose a corpus (data=tinyshakespeare or data=wikitext2) or "
-                "a train file (data=text data.train=path/to/train.txt)"
-            )
-        if corpus is not None and (train, val, test) != (None, None, None):
-            raise ValueError(
-                f"corpus={corpus!r} comes with its own splits, so train/val/test files cannot "
-                "be given too; use data=text for local files"
-            )
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}=64")
-        if eval_batch_size is not None and (
-            not isinstance(eval_batch_size, int) or eval_batch_size < 1
-        ):
-            raise ValueError(
-                f"eval_batch_size={eval_batch_size!r} must be a positive integer or null "
-                "(null uses batch_size)"
-            )
-        if num_workers < 0:
-            raise ValueError(
-                f"num_workers={num_workers} must be >= 0 (0 loads in the main process)"
-            )
+        check_sources(corpus, train, val, test)
+        check_loader_options(block_size, batch_size, eval_batch_size, num_workers)
         tokenizer = dict(tokenizer) if tokenizer is not None else {"kind": "char"}
         unknown = set(tokenizer) - {"kind", "vocab_size"}
         if unknown:
@@ -112,11 +90,6 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         self.tokenizer_kind = tokenizer.get("kind", "char")
         self.tokenizer_vocab_size = tokenizer.get("vocab_size")
         check_tokenizer_config(self.tokenizer_kind, self.tokenizer_vocab_size)
-        if corpus is not None and corpus not in CORPORA:
-            raise ValueError(
-                f"unknown corpus {corpus!r}; choose one of {sorted(CORPORA)} or use data=text "
-                "with data.train=path/to/train.txt"
-            )
 
         self.corpus_name, self.train_file, self.val_file, self.test_file = corpus, train, val, test
         self.block_size, self.batch_size = block_size, batch_size
@@ -329,6 +302,40 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             **kwargs,
         )
 
+
+
+def check_sources(corpus: str | None, train, val, test) -> None:
+    """A named corpus or local files, not both, not neither; a known corpus name."""
+    if corpus is None and train is None:
+        raise ValueError(
+            "no data given: choose a corpus (data=tinyshakespeare or data=wikitext2) or "
+            "a train file (data=text data.train=path/to/train.txt)"
+        )
+    if corpus is not None and (train, val, test) != (None, None, None):
+        raise ValueError(
+            f"corpus={corpus!r} comes with its own splits, so train/val/test files cannot "
+            "be given too; use data=text for local files"
+        )
+    if corpus is not None and corpus not in CORPORA:
+        raise ValueError(
+            f"unknown corpus {corpus!r}; choose one of {sorted(CORPORA)} or use data=text "
+            "with data.train=path/to/train.txt"
+        )
+
+
+def check_loader_options(block_size, batch_size, eval_batch_size, num_workers) -> None:
+    for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}=64")
+    if eval_batch_size is not None and (
+        not isinstance(eval_batch_size, int) or eval_batch_size < 1
+    ):
+        raise ValueError(
+            f"eval_batch_size={eval_batch_size!r} must be a positive integer or null "
+            "(null uses batch_size)"
+        )
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
 
 def _fingerprint(corpus: Corpus, shas: dict[Path, str], tok: dict[str, Any]) -> str:
     key = {

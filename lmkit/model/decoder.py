@@ -48,37 +48,19 @@ class DecoderLM(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("d_model", d_model),
-            ("num_layers", num_layers),
-            ("num_heads", num_heads),
-            ("layer_multiplier", layer_multiplier),
-        ):
-            if value < 1:
-                raise ValueError(f"model.{name}={value} must be >= 1")
-        if d_model % num_heads:
-            raise ValueError(
-                f"model.d_model={d_model} must be divisible by "
-                f"model.num_heads={num_heads}; change one of them"
-            )
+        check_sizes(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            layer_multiplier=layer_multiplier,
+        )
         num_blocks = num_layers * layer_multiplier
         # num_layers counts blocks from here on: caches, init scaling and reports go by blocks.
         self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_blocks
         self.num_heads, self.tie_weights = num_heads, tie_weights
         self.embedding = embedding(vocab_size, d_model)
-        mixer_extra = {}
-        if self.embedding.positional == "rope":
-            if _accepts(mixer, "rotary"):
-                mixer_extra["rotary"] = RotaryEmbedding(
-                    d_model // num_heads, base=self.embedding.rope_base
-                )
-            else:  # e.g. Mamba: order comes from its recurrence, as with model/embedding=none
-                log.warning(
-                    "model/embedding=rope: mixer %s has no queries and keys to rotate, so the "
-                    "model gets no positional signal (the same as model/embedding=none)",
-                    getattr(getattr(mixer, "func", mixer), "__name__", mixer),
-                )
+        mixer_extra = self._rotary_options(mixer)
         self.blocks = nn.ModuleList(
             Block(
                 d_model,
@@ -91,12 +73,31 @@ class DecoderLM(nn.Module):
         )
         self.final_norm = build_norm(norm, d_model)
         self.head = LMHead(d_model, vocab_size)
+        self._init_parameters(num_blocks)
+        if tie_weights:
+            self.head.proj.weight = self.embedding.token.weight
+
+    def _rotary_options(self, mixer: Callable[..., Mixer]) -> dict:
+        """{"rotary": RotaryEmbedding} for mixers with queries and keys under rope positions."""
+        if self.embedding.positional != "rope":
+            return {}
+        if _accepts(mixer, "rotary"):
+            head_dim = self.d_model // self.num_heads
+            return {"rotary": RotaryEmbedding(head_dim, base=self.embedding.rope_base)}
+        # e.g. Mamba: order comes from its recurrence, as with model/embedding=none
+        log.warning(
+            "model/embedding=rope: mixer %s has no queries and keys to rotate, so the "
+            "model gets no positional signal (the same as model/embedding=none)",
+            getattr(getattr(mixer, "func", mixer), "__name__", mixer),
+        )
+        return {}
+
+    def _init_parameters(self, num_blocks: int) -> None:
+        """GPT-2's init, with residual projections scaled by 1/sqrt(2 * blocks)."""
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(tuple(f"{r}.weight" for r in RESIDUAL_PROJECTIONS)):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * num_blocks))
-        if tie_weights:
-            self.head.proj.weight = self.embedding.token.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -175,6 +176,18 @@ class DecoderLM(nn.Module):
         }
         forward = sum(parts.values())
         return {**parts, "forward": forward, "train": train_flops(forward)}
+
+
+def check_sizes(**sizes: int) -> None:
+    """Every size >= 1 and d_model divisible by num_heads, each failure one line."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"model.{name}={value} must be >= 1")
+    if sizes["d_model"] % sizes["num_heads"]:
+        raise ValueError(
+            f"model.d_model={sizes['d_model']} must be divisible by "
+            f"model.num_heads={sizes['num_heads']}; change one of them"
+        )
 
 
 def _accepts(factory: Callable[..., Mixer], option: str) -> bool:
