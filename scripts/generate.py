@@ -5,11 +5,14 @@
 
 temperature=0 decodes greedily. Medusa (a checkpoint trained with experiment=medusa):
 
-  python scripts/generate.py ckpt=... decoding=medusa [medusa.acceptance=greedy|typical]
-      [medusa.tree_nodes=8] [medusa.epsilon=0.09] [medusa.delta=0.3]
+  python scripts/generate.py ckpt=... decoding=medusa temperature=0 [medusa.tree_nodes=8]
+  python scripts/generate.py ckpt=... decoding=medusa medusa.acceptance=typical [temperature=0.8]
+      [top_k=50] [top_p=null] [num_samples=1] [seed=0] [medusa.epsilon=0.09] [medusa.delta=0.3]
 
-greedy acceptance reproduces greedy decoding exactly; typical is Medusa's sample-like rule. Tokens
-per step and tokens/s are logged. Options and defaults: conf/generate.yaml (--cfg job shows them).
+greedy acceptance (the default) reproduces greedy decoding exactly, so it takes temperature=0 and
+one sample; typical is Medusa's rule, and samples its root and bonus tokens like decoding=sample
+(the same seed, the same texts). Tokens per step and tokens/s are logged. Options and defaults:
+conf/generate.yaml (--cfg job shows them).
 """
 
 import hydra

@@ -146,3 +146,25 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_confi
 
     state = load_checkpoint(last)["state_dict"]  # intact and loadable
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_lightning_refusing_a_trainer_flag_is_one_line(tmp_path):
+    """Lightning's own verdict on a trainer flag (no GPU here) is a user error, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available: accelerator=gpu is valid here")
+    out = run_train(
+        "trainer.accelerator=gpu", "trainer.precision=32-true", f"hydra.run.dir={tmp_path}/run"
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gpu" in errors[0].lower() and "Traceback" not in out.stderr
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    out = run_train(f"hydra.run.dir={taken}", "trainer.max_steps=2", "logger=csv")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: hydra.run.dir={taken} is a file, not a folder; give a folder path"]
+    assert taken.read_text() == "not a folder"

@@ -9,15 +9,21 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from support import REPO
 
-from lmkit.run.checkpoint import export_safetensors, load_checkpoint
+from lmkit.data.windows import TrainWindows
+from lmkit.run.build import build_datamodule, build_task
+from lmkit.run.checkpoint import export_safetensors, load_checkpoint, restore
+from lmkit.run.evaluate import evaluate_checkpoint
+from lmkit.task import masked_mean_nll
 
 pytestmark = pytest.mark.slow
 
-# fp32, no dropout, checkpoints every 5 steps, loss logged every step.
+# fp32, dropout 0.1 (its masks must continue exactly), checkpoints every 5 steps, loss every step.
 RUN = [
     "model.d_model=32",
+    "model.dropout=0.1",
     "model.num_layers=2",
     "data.block_size=32",
     "data.batch_size=8",
@@ -70,12 +76,23 @@ def losses(csv_path) -> dict[int, str]:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+LENGTH = ["trainer.max_steps=40", "trainer.val_check_interval=20"]
+_whole_runs: dict[tuple[str, ...], object] = {}
+
+
+def whole_run(tmp_path_factory, *extra):
+    """The uninterrupted run of these overrides (made once per session)."""
+    if extra not in _whole_runs:
+        run_dir = tmp_path_factory.mktemp("whole") / "run"
+        out = run(train_cmd(run_dir, *LENGTH, *extra))
+        assert out.returncode == 0, out.stderr[-3000:]
+        _whole_runs[extra] = run_dir
+    return _whole_runs[extra]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("whole") / "run"
-    out = run(train_cmd(run_dir, "trainer.max_steps=40", "trainer.val_check_interval=20"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_dir
+    return whole_run(tmp_path_factory)
 
 
 def assert_same_weights(a, b):
@@ -85,30 +102,41 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[key], sb[key]), key
 
 
-def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
+# (kill after step, overrides): checkpoints come every 5 steps and at the validation of step 20,
+# so 17 resumes from 15 and 23 from 20 (across a validation pass); bf16-mixed and a DataLoader
+# worker process must continue as exactly as fp32 in the main process.
+KILLS = [
+    (17, ()),
+    (23, ()),
+    (17, ("trainer.precision=bf16-mixed",)),
+    (13, ("data.num_workers=1",)),
+]
+
+
+@pytest.mark.parametrize("kill_after, extra", KILLS)
+def test_sigkill_then_resume_is_bit_exact(tmp_path_factory, tmp_path, kill_after, extra):
+    whole = whole_run(tmp_path_factory, *extra)
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
-    # the run kills itself with SIGKILL after step 17 (checkpoints every 5 steps: the last is 15)
-    killer = [sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), "17"]
-    cmd = train_cmd(run_dir, "trainer.max_steps=40", "trainer.val_check_interval=20")
+    # the run kills itself with SIGKILL after step kill_after
+    killer = [sys.executable, str(REPO / "tests" / "sigkill_at_step.py"), str(kill_after)]
+    cmd = train_cmd(run_dir, *LENGTH, *extra)
     out = run(killer + cmd[2:])
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     killed_at = saved_step(last)
-    assert killed_at == 15
-    out = run(
-        train_cmd(run_dir, "trainer.max_steps=40", "trainer.val_check_interval=20", "resume=true")
-    )
+    assert killed_at == (20 if kill_after > 20 else kill_after // 5 * 5)
+    out = run(train_cmd(run_dir, *LENGTH, *extra, "resume=true"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert saved_step(last) == 40
-    assert_same_weights(last, uninterrupted / "checkpoints" / "last.ckpt")
+    assert_same_weights(last, whole / "checkpoints" / "last.ckpt")
     # the loss curve after the resume point is the uninterrupted run's, step for step
-    whole = losses(uninterrupted / "metrics.csv")
+    losses_whole = losses(whole / "metrics.csv")
     resumed = losses(run_dir / f"resumed_from_step{killed_at}" / "metrics.csv")
-    assert resumed and all(resumed[s] == whole[s] for s in resumed), (resumed, whole)
+    assert resumed and all(resumed[s] == losses_whole[s] for s in resumed), (resumed, whole)
     # and the metrics of the first attempt are still there
     assert min(losses(run_dir / "metrics.csv")) < killed_at
     results = json.loads((run_dir / "results.json").read_text())
-    reference = json.loads((uninterrupted / "results.json").read_text())
+    reference = json.loads((whole / "results.json").read_text())
     assert results["val_loss"] == reference["val_loss"]
 
 
@@ -145,10 +173,11 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_model(uninterrupted, tmp_path):
     ckpt = uninterrupted / "checkpoints" / "last.ckpt"
     out = run(
-        train_cmd(tmp_path / "run", "trainer.max_steps=40", "model.d_model=64", f"ckpt_path={ckpt}")
+        train_cmd(tmp_path / "run", *LENGTH, "model.d_model=64", f"ckpt_path={ckpt}")
     )
     assert out.returncode == 2
     assert "model.d_model: 32 in the checkpoint vs 64 now" in out.stderr
+    assert "resume_accept=[model.d_model]" in out.stderr
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -169,18 +198,57 @@ def test_safetensors_export_matches_the_checkpoint(uninterrupted, tmp_path):
 
 
 def test_ddp_two_cpu_processes(tmp_path):
-    run_dir = tmp_path / "run"
-    out = run(
-        train_cmd(
-            run_dir,
-            "trainer=ddp",
-            "trainer.devices=2",
-            "trainer.accelerator=cpu",
-            "trainer.max_steps=10",
-            "trainer.val_check_interval=10",
-        )
-    )
+    """Two gloo ranks on the CPU: gradients are averaged (the ranks' weights stay identical, and
+    three DDP steps equal three single-process steps on the union of the ranks' batches) and
+    validation is sharded (every val token scored once: the per-word perplexity, reported only
+    for a whole split, is there and equals a single-process evaluation)."""
+    base = tmp_path / "base"
+    out = run(train_cmd(base, "model.dropout=0.0", "trainer.max_steps=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    ddp = [
+        f"init_from={base / 'checkpoints' / 'last.ckpt'}",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=null",
+    ]
+    out = run(train_cmd(run_dir, *ddp))
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    per_rank = results["val_loss_per_rank"]
-    assert len(per_rank) == 2 and per_rank[0] == per_rank[1] == pytest.approx(results["val_loss"])
+    assert results["steps"] == 3 and results["config"]["data"]["max_steps"] == 3  # this run's
+    checksums = results["weights_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    single = evaluate_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), "val")
+    assert results["val_loss"] == pytest.approx(single["loss"], rel=1e-6)
+    assert results["val_word_ppl"] == pytest.approx(single["word_ppl"], rel=1e-6)
+    expected = union_steps(base / "checkpoints" / "last.ckpt", run_dir, steps=3, ranks=2)
+    trained = restore(run_dir / "checkpoints" / "last.ckpt").model.state_dict()
+    for name, weight in expected.items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def union_steps(start, run_dir, *, steps: int, ranks: int) -> dict:
+    """The DDP run's first `steps` optimizer steps in one process: the model of `start`, every
+    step on the concatenation of the ranks' batches (TrainWindows seeded by (seed, step,
+    rank)), the run's optimizer, schedule and clipping."""
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create(checkpoint["lmkit"]["config"])
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare()
+    model = restore(start).model.train()
+    configured = build_task(cfg, model, datamodule).configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    tokens = datamodule._token_file("train")
+    for step in range(steps):
+        shape = (cfg.data.block_size, cfg.data.batch_size)
+        batches = [TrainWindows(tokens, *shape, cfg.seed, r, steps)[step] for r in range(ranks)]
+        x, y = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        masked_mean_nll(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.state_dict()

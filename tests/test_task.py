@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from lmkit.evaluation import IGNORE_INDEX
 from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.mlp import MLP
-from lmkit.task import LanguageModelTask, param_groups, warmup_cosine
+from lmkit.task import LanguageModelTask, masked_mean_nll, param_groups, warmup_cosine
 
 
 def tiny_model(norm: str = "layernorm") -> DecoderLM:
@@ -92,17 +93,62 @@ def test_the_cosine_follows_whichever_budget_binds():
     assert time_only(5) == pytest.approx(0.6) and time_only(10**6) == pytest.approx(0.55)
 
 
-def test_bf16_autocast_loss_matches_fp32():
+def trained_tiny_model(steps: int = 30):
+    """tiny_model fitted in fp32 to y_t = perm[x_(t-1)] (y_0 unscored): after `steps` AdamW
+    steps its predictions are confident, so its loss is far below ln V and sensitive to any error
+    in the logits, unlike an untrained model's loss, which stays near ln V whatever the logits."""
+    torch.manual_seed(0)
     model = tiny_model()
-    x = torch.randint(0, 40, (4, 32))
-    y = torch.randint(0, 40, (4, 32))
-    loss32 = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(x)
-    assert logits.dtype == torch.bfloat16
-    loss16 = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-    assert math.isfinite(loss16.item())
-    assert abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 40, (8, 32), generator=g)
+    y = torch.randperm(40, generator=g)[x.roll(1, dims=1)]
+    y[:, 0] = IGNORE_INDEX
+    task = LanguageModelTask(model, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        task.training_loss(x, y, logging=False).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    return task, x, y
+
+
+def reference_nll(logits, y):
+    """Mean NLL of the scored targets in float64, from the definition: logsumexp - target logit."""
+    logits, scored = logits.double(), y != IGNORE_INDEX
+    target = logits.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    return (logits.logsumexp(-1) - target)[scored].mean()
+
+
+def test_bf16_autocast_loss_matches_fp32():
+    task, x, y = trained_tiny_model()
+    params = list(task.model.parameters())
+
+    def loss_and_grads(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = task.model(x)
+            loss = task.training_loss(x, y, logging=False)
+        return logits.detach(), loss, torch.autograd.grad(loss, params)
+
+    logits32, loss32, grads32 = loss_and_grads(False)
+    logits16, loss16, grads16 = loss_and_grads(True)
+    # A confident model: the loss is far from ln V = 3.69, where any logits would pass.
+    assert 0.05 < loss32.item() < 1.0, loss32.item()
+    assert logits16.dtype == torch.bfloat16 and loss16.dtype == torch.float32
+    assert math.isclose(loss32.item(), reference_nll(logits32, y).item(), rel_tol=1e-5)
+    # bf16 matmuls move this loss by about 2e-4 (0.05 %); 1 % is far beyond that rounding.
+    assert abs(loss16.item() - loss32.item()) < 0.01 * loss32.item(), (loss16, loss32)
+    # Gradients: every tensor within 10 % (bf16 rounding moves each by 1 to 3.5 %).
+    for (name, _), g16, g32 in zip(task.model.named_parameters(), grads16, grads32, strict=True):
+        err = ((g16 - g32).norm() / g32.norm()).item()
+        assert err < 0.1, f"{name}: gradient differs by {err:.1%} under bf16 autocast"
+    # The loss of bf16 logits outside autocast (a bf16 model, or logits kept from an autocast
+    # forward) is still computed in float32: exactly the float64 NLL of those very logits.
+    # A bf16 log-softmax would be off by about 6e-4 here.
+    nll16 = masked_mean_nll(logits16, y)
+    err = abs(nll16.item() - reference_nll(logits16, y).item())
+    assert err < 1e-6, f"the NLL of bf16 logits is off by {err:.2g}: not computed in float32"
+    assert nll16.dtype == torch.float32
 
 
 def test_task_refuses_bad_optimisation_settings():

@@ -301,3 +301,14 @@ def test_malloc_keeps_freed_memory_on_glibc():
     assert keep_freed_memory() == (
         platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     )
+
+
+def test_training_without_validation_still_writes_results(tmp_path):
+    """trainer.limit_val_batches=0, Lightning's switch for no validation: the run trains, skips
+    the final val evaluation and writes results.json (no val_* figures in it)."""
+    cfg = compose_config("trainer.limit_val_batches=0", "ngram.enabled=false", run_dir=tmp_path)
+    results = train(cfg)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == written["steps"] == cfg.trainer.max_steps
+    assert not any(key.startswith("val_") for key in written)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -6,8 +6,10 @@ The data root (``$LMKIT_DATA_DIR``, default ``data/``) is only ever read: downlo
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import re
 import tempfile
 import urllib.request
 import warnings
@@ -232,7 +234,10 @@ def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, as Python's text mode and ``datasets`` see it.
 
     Newlines are universal: ``\\r\\n`` and ``\\r`` become ``\\n``. Raises FileNotFoundError for
-    a missing file and ValueError for an empty or non-text (NUL bytes, invalid UTF-8) file.
+    a missing file and ValueError (one sentence saying what is wrong) for a file that is empty or
+    holds no visible text (only whitespace, control or invisible format characters), is not
+    UTF-8 (e.g. UTF-16 or Latin-1), or holds NUL characters (valid UTF-8, but never in text: a
+    binary file, or UTF-16 text without a byte-order mark).
     """
     path = Path(path)
     if not path.is_file():
@@ -242,18 +247,41 @@ def read_text(path: str | Path) -> str:
     data = path.read_bytes()
     if not data:
         raise ValueError(f"file {path} is empty; give a file that holds the text to model.")
-    nul = data.find(b"\0")
-    offset = nul if nul >= 0 else None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ValueError(
+            f"file {path} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8; "
+            "convert it first (e.g. iconv -f UTF-16 -t UTF-8)."
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        offset = e.start if offset is None else min(offset, e.start)
-    if offset is not None:
+        binary = " and holds NUL bytes: it looks like a binary file" if b"\0" in data else ""
         raise ValueError(
-            f"file {path} is not UTF-8 text (byte offset {offset}); give a plain text file or "
-            "convert it first (e.g. iconv -t UTF-8)."
+            f"file {path} is not UTF-8 text (byte offset {e.start}){binary}; give a plain text "
+            "file or convert it first (e.g. iconv -t UTF-8)."
+        ) from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        count = data.count(b"\0")
+        what = "1 NUL character" if count == 1 else f"{count} NUL characters"
+        raise ValueError(
+            f"file {path} holds {what} (U+0000, the first at byte offset {nul}), which text "
+            "never has: it is a binary file or UTF-16 text (iconv -f UTF-16 -t UTF-8 converts "
+            "that); if the rest is the text to model, delete the NULs first (tr -d '\\000')."
+        )
+    if _VISIBLE.search(text) is None:
+        raise ValueError(
+            f"file {path} is empty: its {len(text)} characters are all whitespace or invisible; "
+            "give a file that holds the text to model."
         )
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# A character that shows: not whitespace, not a C0/C1 control, not an invisible format character
+# (soft hyphen, zero-width space/joiners, direction marks, word joiner, byte-order mark, ...).
+_VISIBLE = re.compile(
+    r"[^\s\x00-\x1f\x7f-\x9f\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]"
+)
 
 
 def load_split(source: SplitSource, *, num_chars: int | None = None) -> datasets.Dataset:

@@ -7,7 +7,6 @@ Evaluation covers a split in order, scoring every token after the first exactly 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ from typing import Any
 
 import lightning
 import numpy as np
-import tokenizers as hf_tokenizers
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,22 +29,30 @@ from lmkit.data.corpora import (
     resolve_corpus,
     sha256_of,
 )
+from lmkit.data.token_cache import (
+    ENCODE_BATCH_LINES,
+    cache_fingerprint,
+    encode,
+    log_unseen_chars,
+    read_meta,
+    unseen_chars,
+)
 from lmkit.data.tokenizers import Tokenizer, check_tokenizer_config, train_tokenizer
 from lmkit.data.windows import (
     EvalWindows,
+    RankShard,
     StepIndexedTraining,
     StepSampler,
     TokenFile,
     TrainLoader,
     TrainWindows,
+    private_generator,
 )
 from lmkit.evaluation import count_words
 from lmkit.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1  # bump when the cache layout or the tokenization changes
-_ENCODE_BATCH_LINES = 1000
 
 
 class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
@@ -61,6 +67,11 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
 
     After :meth:`prepare`: ``tokenizer``, ``vocab_size``, ``split_names``, ``ids`` (a read-only
     ``np.memmap`` per split) and :meth:`scored_bytes` for bits per byte.
+
+    The char vocabulary is the characters of every split (nanoGPT's is the whole file's), so
+    any UTF-8 text trains even when val or test has a character that train lacks; such
+    characters are scored like any other (the model never saw them as a target) and their count
+    per split is logged at preparation and kept in ``meta["unseen_chars"]``.
     """
 
     def __init__(
@@ -126,9 +137,9 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         texts = {path: read_text(path) for path in {s.path for s in corpus.splits.values()}}
         shas = {path: sha256_of(path) for path in texts}
         tok = {"kind": self.tokenizer_kind, "vocab_size": self.tokenizer_vocab_size}
-        fingerprint = _fingerprint(corpus, shas, tok)
+        fingerprint = cache_fingerprint(corpus, shas, tok)
         cache_dir = cache_root() / "tokens" / fingerprint
-        meta = _read_meta(cache_dir, fingerprint)
+        meta = read_meta(cache_dir, fingerprint)
         if meta is None:
             # Tokens never outnumber characters (char, word) or bytes (byte-level BPE): an upper
             # bound that rejects an impossible block_size before any tokenizer is trained.
@@ -146,6 +157,16 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         self._check_block_size(meta["tokens"])
 
         self.meta, self.cache_dir = meta, cache_dir
+        if self.tokenizer_kind == "char":
+            if "unseen_chars" not in meta:  # a cache written before it was counted
+                ids = {
+                    s: np.memmap(cache_dir / f"{s}.bin", dtype=meta["dtype"], mode="r")
+                    for s in meta["tokens"]
+                }
+                meta["unseen_chars"] = unseen_chars(
+                    Tokenizer.load(cache_dir / "tokenizer.json"), ids
+                )
+            log_unseen_chars(meta["unseen_chars"], corpus.name)
         self.split_names = list(meta["tokens"])
         self.split_words = {}  # the denominators of word-normalized perplexity
         for split, source in corpus.splits.items():
@@ -184,9 +205,20 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             split: load_split(source, num_chars=len(texts[source.path]))
             for split, source in corpus.splits.items()
         }
-        log.info("training a %s tokenizer on the train split of %s", tok["kind"], corpus.name)
-        batches = splits["train"].iter(batch_size=_ENCODE_BATCH_LINES)
-        lines = (line for batch in batches for line in batch["text"])
+        # char: the characters of every split, as nanoGPT's vocabulary is the whole file's, so a
+        # character only val has is a token too (see lmkit.data.tokenizers); bpe and word: train
+        if tok["kind"] == "char":
+            vocab_splits = list(splits.values())
+            log.info("training a char tokenizer on the characters of %s", corpus.name)
+        else:
+            vocab_splits = [splits["train"]]
+            log.info("training a %s tokenizer on the train split of %s", tok["kind"], corpus.name)
+        lines = (
+            line
+            for ds in vocab_splits
+            for batch in ds.iter(batch_size=ENCODE_BATCH_LINES)
+            for line in batch["text"]
+        )
         tokenizer = train_tokenizer(tok["kind"], lines, vocab_size=tok["vocab_size"])
         dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
         meta: dict[str, Any] = {
@@ -204,12 +236,15 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             "scored_bytes": {},
         }
         token_bytes = tokenizer.token_bytes
+        all_ids = {}
         for split, ds in splits.items():
-            ids = _encode(ds, tokenizer, split, fingerprint).astype(dtype)
+            ids = all_ids[split] = encode(ds, tokenizer, split, fingerprint).astype(dtype)
             atomic_write(cache_dir / f"{split}.bin", ids.tobytes())
             meta["tokens"][split] = int(ids.size)
             meta["bytes"][split] = int(token_bytes[ids].sum())
             meta["scored_bytes"][split] = int(token_bytes[ids[1:]].sum())
+        if tok["kind"] == "char":
+            meta["unseen_chars"] = unseen_chars(tokenizer, all_ids)
         atomic_write(cache_dir / "tokenizer.json", tokenizer.to_json().encode())
         # meta.json last: its presence marks a complete cache
         atomic_write(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
@@ -269,7 +304,8 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         return self._eval_loader("test")
 
     def eval_dataloader(self, split: str) -> DataLoader:
-        """The ordered, every-token-once loader of any split (for scripts and baselines)."""
+        """The ordered, every-token-once loader of any split (for scripts and baselines); under
+        DDP each rank gets its own shard of the windows."""
         return self._eval_loader(split)
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +319,8 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         self._check_split(split)
         dataset = EvalWindows(self._token_file(split), self.block_size)
-        return self._loader(dataset, batch_size=self.eval_batch_size, shuffle=False)
+        shard = RankShard(len(dataset), *self._eval_shard())
+        return self._loader(dataset, batch_size=self.eval_batch_size, sampler=shard)
 
     def _token_file(self, split: str) -> TokenFile:
         return TokenFile(self.cache_dir / f"{split}.bin", self.meta["dtype"])
@@ -299,6 +336,7 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),  # page-locked batches copy to a GPU async
+            generator=private_generator(self.seed),
             **kwargs,
         )
 
@@ -336,45 +374,3 @@ def check_loader_options(block_size, batch_size, eval_batch_size, num_workers) -
         )
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")
-
-def _fingerprint(corpus: Corpus, shas: dict[Path, str], tok: dict[str, Any]) -> str:
-    key = {
-        "version": _CACHE_VERSION,
-        "tokenizers": hf_tokenizers.__version__,
-        "splits": {
-            split: [shas[src.path], src.start, src.stop]
-            for split, src in sorted(corpus.splits.items())
-        },
-        "tokenizer": [tok["kind"], tok["vocab_size"]],
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read_meta(cache_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The cache's meta.json when the cache is complete and consistent, else None."""
-    try:
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        if meta["fingerprint"] != fingerprint or not (cache_dir / "tokenizer.json").is_file():
-            return None
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for split, n in meta["tokens"].items():
-            if (cache_dir / f"{split}.bin").stat().st_size != n * itemsize:
-                return None
-    except (OSError, ValueError, KeyError):
-        return None
-    return meta
-
-
-def _encode(ds: Any, tokenizer: Tokenizer, split: str, fingerprint: str) -> np.ndarray:
-    """Token ids of a split's lines, concatenated (equal to encoding the whole text)."""
-    encoded = ds.map(
-        lambda batch: {"ids": tokenizer.encode_batch(batch["text"])},
-        batched=True,
-        batch_size=_ENCODE_BATCH_LINES,
-        remove_columns=["text"],
-        keep_in_memory=True,
-        new_fingerprint=f"lmkit-{fingerprint}-{split}",
-        desc=f"tokenizing {split}",
-    )
-    chunks = [c.flatten().to_numpy() for c in encoded.data.column("ids").chunks]
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)

@@ -23,7 +23,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lmkit.data.tokenizers import Tokenizer
-from lmkit.data.windows import StepIndexedTraining, StepSampler, TrainLoader
+from lmkit.data.windows import (
+    RankShard,
+    StepIndexedTraining,
+    StepSampler,
+    TrainLoader,
+    private_generator,
+)
 from lmkit.evaluation import IGNORE_INDEX
 
 _VAL_STREAM, _TEST_STREAM = 1, 2  # seed words of the fixed evaluation sets
@@ -191,7 +197,10 @@ class MQARDataModule(StepIndexedTraining, lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, length = self._train_rank_and_length()
         dataset = MQARBatches(self.spec, self.batch_size, self.seed, rank, length)
-        return TrainLoader(dataset, batch_size=None, sampler=StepSampler(self, length))
+        generator = private_generator(self.seed)
+        return TrainLoader(
+            dataset, batch_size=None, sampler=StepSampler(self, length), generator=generator
+        )
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The train batch of ``step`` (rank 0), without a DataLoader."""
@@ -201,7 +210,13 @@ class MQARDataModule(StepIndexedTraining, lightning.LightningDataModule):
         if split not in self.split_names:
             raise ValueError(f"split {split!r} is not in MQAR; its splits are {self.split_names}")
         self.prepare()
-        return DataLoader(self._eval_sets[split], batch_size=self.eval_batch_size, shuffle=False)
+        shard = RankShard(len(self._eval_sets[split]), *self._eval_shard())
+        return DataLoader(
+            self._eval_sets[split],
+            batch_size=self.eval_batch_size,
+            sampler=shard,
+            generator=private_generator(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_dataloader("val")

@@ -1,9 +1,14 @@
 """Character-level, byte-level BPE and word-level tokenizers, built with the ``tokenizers`` library.
 
-- ``char``: one token per character seen in the training text, ids in sorted character order
-  (nanoGPT's ``stoi``), so Tiny Shakespeare has the familiar 65 ids. There is no ``<unk>``: a
-  character the vocabulary lacks raises ValueError at encode time, which keeps the vocabulary
-  exactly the training characters and never hides data that cannot be modelled.
+- ``char``: one token per character of the text it is trained on, ids in sorted character
+  order (nanoGPT's ``stoi``). The data module trains it on every split of the corpus, as nanoGPT
+  builds its vocabulary from the whole file, so any UTF-8 text trains and evaluates even when
+  val has a character train lacks (it is scored like any other, never seen in training); for
+  Tiny Shakespeare and WikiText-2, whose val and test characters all occur in train, this is the
+  train split's vocabulary (Tiny Shakespeare's familiar 65 ids). There is no ``<unk>``: one id
+  per character keeps decoding lossless and the UTF-8 bytes of every id exact (bits per byte),
+  and a character outside the corpus (e.g. in a sampling prompt) raises ValueError at encode
+  time rather than being hidden.
 - ``bpe``: byte-level BPE (GPT-2 pre-tokenization and byte alphabet, all 256 bytes in the
   initial alphabet) that round-trips any text. Text is first split after every ``\\n``, so a
   token never spans a line break: encoding line by line gives the same ids as encoding the whole
@@ -135,8 +140,8 @@ class Tokenizer:
             return error
         return ValueError(
             f"characters {unknown[:10]!r} are not in the char vocabulary of {self.vocab_size} "
-            "characters seen in the train split; train the tokenizer on text that contains "
-            "them or use tokenizer=bpe, which encodes any text."
+            "characters of the corpus it was trained on; train the tokenizer on text that "
+            "contains them or use tokenizer=bpe, which encodes any text."
         )
 
 

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 UNBOUNDED_STEPS = 2**40  # the train loader's length when max_steps is not given
 
 
+def private_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Starting an iterator draws a base seed from the loader's
+    generator, by default torch's global one, which dropout draws from: a resumed run (which
+    starts a new train iterator) or a validation pass (a new val iterator) would shift every
+    later dropout mask. With its own generator a loader leaves dropout's stream alone."""
+    return torch.Generator().manual_seed(seed)
+
+
 class StepIndexedTraining:
     """Resumable training order for data modules whose train batch ``s`` is a pure function of
     (seed, s, rank): the state is the number of train batches consumed, stored in checkpoints."""
@@ -66,6 +74,14 @@ class StepIndexedTraining:
         accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
         max_steps = getattr(self, "max_steps", None)
         return rank, (max_steps * accumulate if max_steps else UNBOUNDED_STEPS)
+
+    def _eval_shard(self) -> tuple[int, int]:
+        """(rank, world size) of this process: each rank scores its own share of an evaluation
+        split, so that every token is scored once in total (the sums are reduced across ranks)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
 
     def _consumed_batches(self) -> int:
         trainer = self.trainer
@@ -171,3 +187,19 @@ class EvalWindows(Dataset):
         x[: min(len(chunk), T)] = torch.from_numpy(chunk[:T])
         y[: len(chunk) - 1] = torch.from_numpy(chunk[1:])
         return x, y
+
+
+class RankShard(Sampler[int]):
+    """Indices rank, rank + world, rank + 2 world, ... of a dataset of `length` items: the ranks'
+    shards are disjoint and cover it once (no padding, unlike DistributedSampler)."""
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.length, self.rank, self.world = length, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.world))

@@ -8,9 +8,11 @@ Each step:
    ``supports_tree``) run all N nodes at once under the tree mask (each node sees the cache, its
    ancestors and itself; positions are cache length + depth). Other mixers run every maximal
    path ``[root, c1, ..., cd]`` as one batch from their caches, expanded with ``Cache.select``.
-3. accept: greedy (candidate == the base's argmax, so the output is exactly greedy decoding) or
-   typical (Medusa's rule: p(candidate) > min(epsilon, delta * exp(-entropy))). The longest
-   accepted path wins; the base's argmax after it is the bonus token and the next root.
+3. accept (accept.py): greedy (candidate == the base's argmax, so the output is exactly greedy
+   decoding) or typical (Medusa's rule: p(candidate) > min(epsilon, delta * exp(-entropy))). The
+   longest accepted path wins, ties to the most likely. The base's token after it is the bonus
+   token and the next root: its argmax, or under typical acceptance with sampling a draw from
+   softmax(logits / temperature) (top_k / top_p applied) with a seeded generator.
 4. caches keep the accepted path: in a tree step a prefix of the all-top-1 chain is already in
    place (depth-first order), any other path is compacted; a batched step keeps the winning row
    cropped to root + accepted prefix, and caches that cannot go back in time (linear attention,
@@ -24,70 +26,25 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lmkit.decoding.sampling import generate
+from lmkit.decoding.sampling import check_sampling_options, generate, sample_next
+from lmkit.medusa.accept import best_path, candidate_ok, candidate_scores, deepest_accepted
 from lmkit.medusa.tree import TreeBuffers, default_tree, tree_buffers
 from lmkit.mixers.base import TreeStep
 
-ACCEPTANCE = ("greedy", "typical")
-
-
-# ---- acceptance -------------------------------------------------------------------------------
-
-
-def candidate_ok(
-    scores: Tensor,
-    candidates: Tensor,
-    acceptance: str = "greedy",
-    *,
-    temperature: float = 1.0,
-    epsilon: float = 0.09,
-    delta: float = 0.3,
-) -> Tensor:
-    """Whether the base model accepts each candidate on its own: scores [..., V] are the base
-    model's logits before the candidate, candidates [...] its token. greedy: the candidate is
-    the argmax; typical: p(candidate) > min(epsilon, delta * exp(-H(p))), p = softmax(scores /
-    temperature)."""
-    if acceptance not in ACCEPTANCE:
-        raise ValueError(f"acceptance={acceptance!r}; choose one of {list(ACCEPTANCE)}")
-    scores = scores.float()
-    if acceptance == "greedy":
-        return candidates == scores.argmax(-1)
-    if temperature <= 0:
-        raise ValueError("typical acceptance needs temperature > 0")
-    logp = F.log_softmax(scores / temperature, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    threshold = torch.minimum(torch.full_like(entropy, epsilon), delta * torch.exp(-entropy))
-    return logp.gather(-1, candidates.unsqueeze(-1)).squeeze(-1).exp() > threshold
-
-
-def accepted_lengths(
-    logits: Tensor, candidates: Tensor, depth: Tensor, acceptance: str = "greedy", **options
-) -> Tensor:
-    """How many leading candidates of each path the base model accepts. logits [P, L, V]: the
-    base's logits at [root, c1, ..., c_{L-1}] of each path; candidates [P, L - 1]: c1 ...;
-    depth [P]: the path's real length (the rest is padding and never counts)."""
-    ok = candidate_ok(logits[:, :-1], candidates, acceptance, **options)  # [P, L - 1]
-    steps = torch.arange(candidates.shape[1], device=candidates.device)
-    ok = ok & (steps < depth.unsqueeze(1))
-    return ok.long().cumprod(dim=1).sum(dim=1)
-
-
-def deepest_accepted(ok: list[bool], parent: list[int], depth: list[int]) -> int:
-    """The deepest node whose candidate and all its ancestors' are accepted (ok[i - 1] for node
-    i; node 0 is the root, parents come before children); ties go to the first in tree order,
-    the better-ranked candidates."""
-    accepted, best = [True], 0
-    for i, good in enumerate(ok, start=1):
-        accepted.append(good and accepted[parent[i]])
-        if accepted[i] and depth[i] > depth[best]:
-            best = i
-    return best
-
-
 # ---- one decoding step ------------------------------------------------------------------------
+
+
+@dataclass
+class Sampler:
+    """Medusa's sampling under typical acceptance: the root and bonus tokens are drawn from the
+    base's softmax(logits / temperature), top_k / top_p applied, with generator."""
+
+    temperature: float
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -102,6 +59,7 @@ class StepPlan:
     acceptance: str
     options: dict
     device: torch.device
+    sampler: Sampler | None = None  # None: the root and bonus tokens are the base's argmax
 
     @property
     def depth(self) -> list[int]:
@@ -123,7 +81,9 @@ class Accepted:
     caches: list
 
 
-def plan_steps(model, tree, acceptance: str, options: dict, use_tree_mask: bool, device):
+def plan_steps(
+    model, tree, acceptance: str, options: dict, use_tree_mask: bool, device, sampler=None
+) -> StepPlan:
     num_heads = len(model.heads)
     buffers = tree_buffers(tree if tree is not None else default_tree(num_heads), num_heads)
     tree_step = None
@@ -140,7 +100,23 @@ def plan_steps(model, tree, acceptance: str, options: dict, use_tree_mask: bool,
         acceptance=acceptance,
         options=options,
         device=device,
+        sampler=sampler,
     )
+
+
+def next_token(plan: StepPlan, logits: Tensor) -> int:
+    """The base's token after logits [V]: its argmax, or a draw of the plan's sampler."""
+    if plan.sampler is None:
+        return int(logits.argmax(-1))
+    s = plan.sampler
+    drawn = sample_next(
+        logits.unsqueeze(0),
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        generator=s.generator,
+    )
+    return int(drawn)
 
 
 def propose(model, plan: StepPlan, h: Tensor, root: int) -> list[int]:
@@ -153,26 +129,34 @@ def propose(model, plan: StepPlan, h: Tensor, root: int) -> list[int]:
 def verify_tree(model, plan: StepPlan, caches: list, tokens: list[int]) -> Accepted:
     """Attention models: every node in one pass under the tree mask; the caches keep the path."""
     device, length = plan.device, caches[0].length
-    tree_step, depth, parent = plan.tree_step, plan.depth, plan.parent
-    tree_step.positions = plan.buffers.depth.to(device) + length
+    plan.tree_step.positions = plan.buffers.depth.to(device) + length
     node_tokens = torch.tensor([tokens], device=device)
-    hs = model.hidden_states(node_tokens, caches, tree=tree_step)[0]  # [N, D]
+    hs = model.hidden_states(node_tokens, caches, tree=plan.tree_step)[0]  # [N, D]
     logits = model.head(hs)  # [N, V]
-    argmax = logits.argmax(-1).tolist()
-    if plan.acceptance == "greedy":
-        ok = [tokens[i] == argmax[parent[i]] for i in range(1, len(tokens))]
-    else:
-        parents = plan.buffers.parent[1:].to(device)
-        ok = candidate_ok(logits[parents], node_tokens[0, 1:], plan.acceptance, **plan.options)
-        ok = ok.tolist()
-    best = deepest_accepted(ok, parent, depth)
+    best, argmax = tree_choice(plan, logits, tokens)
+    bonus = argmax[best] if argmax is not None else next_token(plan, logits[best])
     chain = plan.buffers.chains[best]
     for cache in caches:
         if chain == list(range(len(chain))):  # a prefix of the all-top-1 chain: in place
             cache.crop(length + len(chain))
         else:
             cache.compact(length, torch.tensor(chain, device=device))
-    return Accepted([tokens[j] for j in chain], argmax[best], hs[best], caches)
+    return Accepted([tokens[j] for j in chain], bonus, hs[best], caches)
+
+
+def tree_choice(plan: StepPlan, logits: Tensor, tokens: list[int]) -> tuple[int, list | None]:
+    """(node, argmax): the node a tree step keeps, from the base's logits [N, V] at every node
+    (node i's candidate is scored by its parent's): deepest_accepted, ties to the most likely.
+    argmax: under greedy acceptance the base's argmax at every node (the bonus token), else None."""
+    parent, depth = plan.parent, plan.depth
+    if plan.acceptance == "greedy":  # on Python lists: cheaper than tensor ops at batch 1
+        argmax = logits.argmax(-1).tolist()
+        ok = [tokens[i] == argmax[parent[i]] for i in range(1, len(tokens))]
+        return deepest_accepted(ok, parent, depth), argmax
+    parents = plan.buffers.parent[1:].to(logits.device)
+    candidates = torch.tensor(tokens[1:], device=logits.device)
+    ok, logp = candidate_scores(logits[parents], candidates, plan.acceptance, **plan.options)
+    return deepest_accepted(ok.tolist(), parent, depth, logp.tolist()), None
 
 
 def verify_paths(model, plan: StepPlan, caches: list, tokens: list[int]) -> Accepted:
@@ -186,10 +170,8 @@ def verify_paths(model, plan: StepPlan, caches: list, tokens: list[int]) -> Acce
     hs = model.hidden_states(seqs, caches)  # [P, L, D]
     logits = model.head(hs)  # [P, L, V]
     leaf_depth = plan.buffers.leaf_depth.to(device)
-    counts = accepted_lengths(logits, seqs[:, 1:], leaf_depth, plan.acceptance, **plan.options)
-    best = int(counts.argmax())  # the longest; ties go to the first leaf
-    a = int(counts[best])
-    kept, bonus = seqs[best, : 1 + a].tolist(), int(logits[best, a].argmax(-1))
+    best, a = best_path(logits, seqs[:, 1:], leaf_depth, plan.acceptance, **plan.options)
+    kept, bonus = seqs[best, : 1 + a].tolist(), next_token(plan, logits[best, a])
     if rewind(caches, torch.tensor([best], device=device), length + 1 + a):
         return Accepted(kept, bonus, hs[best, a], caches)
     # a recurrent state: back to before verification, advanced by the kept tokens
@@ -246,6 +228,22 @@ def check_generation(model, idx: Tensor, max_new_tokens: int, plan: StepPlan) ->
         )
 
 
+def check_sampling(acceptance: str, options: dict, sample: bool, top_k, top_p, generator) -> None:
+    """One clear error for options medusa_generate cannot honour, before any work."""
+    candidate_ok(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), acceptance, **options)
+    if sample and acceptance != "typical":
+        raise ValueError(
+            f"sample=True with acceptance={acceptance!r}, which keeps only the base's argmax: "
+            f"use acceptance='typical' to sample, or sample=False"
+        )
+    if not sample and (top_k is not None or top_p is not None or generator is not None):
+        raise ValueError(
+            "top_k, top_p and generator shape sampled tokens: pass sample=True (with "
+            "acceptance='typical') or leave them None"
+        )
+    check_sampling_options(0, options["temperature"], top_k, top_p)
+
+
 @torch.no_grad()
 def medusa_generate(
     model,
@@ -257,14 +255,22 @@ def medusa_generate(
     temperature: float = 1.0,
     epsilon: float = 0.09,
     delta: float = 0.3,
+    sample: bool = False,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
     use_tree_mask: bool = True,
 ) -> tuple[Tensor, MedusaStats]:
     """Continue idx [1, T0] by max_new_tokens tokens with Medusa -> ([1, T0 + new], stats).
 
     model is a MedusaLM. With acceptance="greedy" the tokens equal plain greedy decoding
-    exactly, whatever the heads predict. Attention models verify the whole tree in one pass
-    under a tree mask (use_tree_mask=False verifies the paths as a batch, which every mixer
-    supports). Positions must fit: prompt + max_new_tokens + tree depth + 1 <= model.max_len.
+    exactly, whatever the heads predict. acceptance="typical" accepts a candidate of probability
+    p > min(epsilon, delta * exp(-H)) under the base's softmax(logits / temperature); the root
+    and bonus tokens are the base's argmax, or with sample=True (Medusa's sampling) draws from
+    that distribution after top_k / top_p, with generator: the same generator state gives the
+    same tokens. Attention models verify the whole tree in one pass under a tree mask
+    (use_tree_mask=False verifies the paths as a batch, which every mixer supports). Positions
+    must fit: prompt + max_new_tokens + tree depth + 1 <= model.max_len.
     """
     if getattr(model, "heads", None) is None:
         raise ValueError(
@@ -272,17 +278,26 @@ def medusa_generate(
             "scripts/train.py experiment=medusa init_from=<checkpoint>"
         )
     options = dict(temperature=temperature, epsilon=epsilon, delta=delta)
-    candidate_ok(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), acceptance, **options)
-    plan = plan_steps(model, tree, acceptance, options, use_tree_mask, idx.device)
+    check_sampling(acceptance, options, sample, top_k, top_p, generator)
+    sampler = Sampler(temperature, top_k, top_p, generator) if sample else None
+    plan = plan_steps(model, tree, acceptance, options, use_tree_mask, idx.device, sampler)
     check_generation(model, idx, max_new_tokens, plan)
     was_training = model.training
     model.eval()
+    try:
+        return decode_steps(model, plan, idx, max_new_tokens)
+    finally:
+        model.train(was_training)
+
+
+def decode_steps(model, plan: StepPlan, idx: Tensor, max_new_tokens: int):
+    """medusa_generate's loop: prefill, then propose / verify until max_new_tokens are decided."""
     stats, started = MedusaStats(), time.perf_counter()
     dtype = next(model.parameters()).dtype
     context = idx.shape[1] + max_new_tokens + plan.buffers.num_nodes + 1
     caches = model.init_caches(1, context, device=idx.device, dtype=dtype)
     h = model.hidden_states(idx, caches)[0, -1]  # [D]
-    out = [int(model.head(h).argmax(-1))]
+    out = [next_token(plan, model.head(h))]
     verify = verify_tree if plan.tree_step is not None else verify_paths
     while len(out) < max_new_tokens:
         step = verify(model, plan, caches, propose(model, plan, h, out[-1]))
@@ -295,7 +310,6 @@ def medusa_generate(
     stats.new_tokens = len(tokens) - idx.shape[1]
     stats.sequence, stats.caches = sequence.unsqueeze(0), caches
     stats.seconds = time.perf_counter() - started
-    model.train(was_training)
     return tokens.unsqueeze(0), stats
 
 

@@ -3,6 +3,7 @@ atomic writes, export, and the upgrade of checkpoints written by earlier layouts
 
 from __future__ import annotations
 
+import logging
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -19,11 +20,31 @@ from lmkit.files import atomic_write
 from lmkit.medusa.legacy import upgrade_legacy_medusa
 from lmkit.run.build import build_model, build_task
 
-# Sections of the config that must match for a checkpoint to continue a run.
-RESUME_MUST_MATCH = ("model", "tokenizer", "data")
-# ... except how they run, and the run-wide settings the data section interpolates (the task
-# and the data module's own state cover those): these may change between attempts.
-RESUME_MAY_DIFFER = ("eval_batch_size", "num_workers", "max_steps", "seed")
+log = logging.getLogger(__name__)
+
+# What may differ between the attempts of one run without changing what it computes: where it
+# logs and how it shows progress, how often it checkpoints, how it executes, what it measures
+# after training. Everything else must match unless the user names it in resume_accept.
+RESUME_MAY_DIFFER = (
+    "resume",
+    "resume_accept",
+    "ckpt_path",
+    "run_dir",
+    "logger.",
+    "checkpoint.",
+    "runtime.",
+    "callbacks.",
+    "ngram.",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.limit_test_batches",
+)
+# The budget may change between attempts (extending a run), with a warning: the cosine schedule
+# then decays over the new budget, so the learning rate jumps at the resume point.
+RESUME_BUDGET = ("trainer.max_steps", "trainer.max_time")
 # The sections init_from takes from its checkpoint, so that weights and token ids fit.
 INIT_FROM_SECTIONS = ("model", "tokenizer", "data")
 
@@ -166,28 +187,64 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
             )
         return None, 0
     checkpoint = load_checkpoint(path)
-    saved = OmegaConf.create(checkpoint["lmkit"]["config"])
-    for section in RESUME_MUST_MATCH:
-        check_same_section(saved, cfg, section, path)
-    return str(path), int(checkpoint.get("global_step", 0))
+    step = int(checkpoint.get("global_step", 0))
+    check_same_run(OmegaConf.create(checkpoint["lmkit"]["config"]), cfg, path, step)
+    return str(path), step
 
 
-def check_same_section(saved: DictConfig, cfg: DictConfig, section: str, path) -> None:
-    old, new = _flat(OmegaConf.select(saved, section)), _flat(OmegaConf.select(cfg, section))
+def check_same_run(saved: DictConfig, cfg: DictConfig, path, step: int) -> None:
+    """The whole config equals the checkpoint's, but for RESUME_MAY_DIFFER, the budget (with a
+    warning) and the keys of cfg.resume_accept; else one error naming up to three keys."""
+    old, new = _flat(saved), _flat(cfg)
+    derived = _interpolated(cfg)  # compared through the keys they copy (optim.*, seed, ...)
+    accepted = tuple(str(k) for k in cfg.resume_accept)
     diff = sorted(
         k
         for k in old.keys() | new.keys()
-        if old.get(k) != new.get(k) and not k.endswith(RESUME_MAY_DIFFER)
+        if old.get(k) != new.get(k)
+        and not k.startswith(RESUME_MAY_DIFFER + accepted + derived)
     )
+    budget = [k for k in diff if k in RESUME_BUDGET]
+    diff = [k for k in diff if k not in RESUME_BUDGET]
     if diff:
-        pairs = ", ".join(
-            f"{section}.{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now"
-            for k in diff[:3]
+        pairs = "; ".join(
+            f"{k}: {old.get(k)!r} in the checkpoint vs {new.get(k)!r} now" for k in diff[:3]
         )
         raise ValueError(
-            f"checkpoint {path} belongs to a different run ({pairs}); resume "
-            f"with the checkpoint's config or start a new run"
+            f"checkpoint {path} was trained with other settings ({pairs}); resume with the "
+            f"checkpoint's settings, or continue with these on purpose: "
+            f"resume_accept=[{','.join(diff)}]"
         )
+    if cfg.trainer.max_steps != -1 and cfg.trainer.max_steps <= step:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}, and trainer.max_steps={cfg.trainer.max_steps} "
+            f"leaves nothing to train; raise trainer.max_steps to continue the run"
+        )
+    for key in budget:
+        log.warning(
+            "resuming with %s=%s (the checkpoint's run had %s): the cosine schedule now decays "
+            "over the new budget, so the learning rate at step %d differs from the first attempt's",
+            key,
+            new.get(key),
+            old.get(key),
+            step,
+        )
+
+
+def _interpolated(cfg: DictConfig) -> tuple[str, ...]:
+    """The keys (prefixes) whose values interpolate other keys of cfg (e.g. task.optimizer,
+    data.seed): differences there are differences of the keys they copy."""
+    out: list[str] = []
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, str) and value.startswith("${"):
+            out.append(prefix[:-1])
+
+    walk("", OmegaConf.to_container(cfg, resolve=False))
+    return tuple(out)
 
 
 def _flat(section) -> dict:
@@ -226,8 +283,18 @@ def adopt_init_from(cfg: DictConfig) -> dict[str, torch.Tensor]:
         )
     with open_dict(cfg):
         for section in INIT_FROM_SECTIONS:
-            cfg[section] = saved[section]
+            cfg[section] = adopted_section(saved[section], cfg[section])
     return state
+
+
+def adopted_section(saved: DictConfig, current: DictConfig) -> dict:
+    """The checkpoint's section, but for the keys that copy run-wide settings (data.seed and
+    data.max_steps interpolate seed and trainer.max_steps): those stay this run's."""
+    section = OmegaConf.to_container(saved, resolve=True)
+    for key, value in OmegaConf.to_container(current, resolve=False).items():
+        if key in section and isinstance(value, str) and value.startswith("${"):
+            section[key] = value
+    return section
 
 
 def export_safetensors(ckpt: str | Path, out: str | Path) -> Path:

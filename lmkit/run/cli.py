@@ -8,6 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from lmkit.errors import DivergenceError
@@ -21,6 +24,7 @@ USER_ERRORS = (
     InstantiationException,
     DivergenceError,
     MissingMandatoryValue,
+    MisconfigurationException,  # Lightning's word on a trainer flag
 )
 
 
@@ -44,4 +48,21 @@ def run_cli(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if os.environ.get("LMKIT_DEBUG"):
             raise
         print(f"error: {error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+class OutputDirCheck(Callback):
+    """Before Hydra creates the run dir (or a sweep's dir): a path that exists as a file is
+    refused with one line, instead of Hydra's own traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_dir(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_output_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def check_output_dir(path: str, key: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        print(f"error: {key}={path} is a file, not a folder; give a folder path", file=sys.stderr)
         sys.exit(2)

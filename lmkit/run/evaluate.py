@@ -46,8 +46,11 @@ def evaluate_checkpoint(
         enable_checkpointing=False,
         enable_progress_bar=True,
         enable_model_summary=False,
+        limit_val_batches=limit_batches,
         limit_test_batches=limit_batches,
     )
-    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-    metrics = trainer.test(task, dataloaders=loader, verbose=False)[0]
-    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/")}
+    # validate for val, test for test: the metrics (per-word perplexity among them) are the
+    # split's own, as during training
+    run = trainer.validate if split == "val" else trainer.test
+    metrics = run(task, datamodule=datamodule, verbose=False)[0]
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{split}/")}

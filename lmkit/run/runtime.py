@@ -90,11 +90,21 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# Where torch's compilation errors come from: dynamo (tracing) and inductor (code generation).
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """Whether err is torch.compile failing (not the model's own error, nor out of memory)."""
+    return type(err).__module__.startswith(COMPILER_MODULES)
+
+
 class CompileOrEager:
     """A module's forward under torch.compile that falls back to eager, with one logged
     message, when the backend cannot compile it (no C++ compiler for inductor on CPU, an
     unsupported platform, an operation dynamo cannot trace). Compilation happens on the
-    first call; that call runs eager again if it fails."""
+    first call; that call runs eager again if it fails. Any other error (out of memory, a bug
+    in the model) propagates: the rest of the run does not silently change paths."""
 
     def __init__(self, forward: Callable) -> None:
         self.eager = forward
@@ -106,7 +116,9 @@ class CompileOrEager:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
-            except Exception as err:  # the backend's failure, whatever its type
+            except Exception as err:
+                if not is_compile_error(err):
+                    raise
                 reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
                 log.warning(
                     "runtime.compile=true: torch.compile failed (%s: %s); training runs eager",

@@ -119,18 +119,24 @@ def final_evaluation(trainer: L.Trainer, task: LanguageModelTask, datamodule) ->
             continue
         if split == "val" and task.last_val and task.last_val["step"] == trainer.global_step:
             metrics = {f"val/{k}": v for k, v in task.last_val.items() if k != "step"}
-        else:
-            metrics = run(task, datamodule=datamodule, verbose=False)[0]
+        else:  # [] when the trainer scores no batch of the split (limit_*_batches=0)
+            metrics = next(iter(run(task, datamodule=datamodule, verbose=False)), {})
         prefix = f"{split}/"
         results.update(
             {f"{split}_{k[len(prefix):]}": v for k, v in metrics.items() if k.startswith(prefix)}
         )
         results.pop(f"{split}_elapsed_s", None)  # a point of the loss-against-time curve
-    if trainer.world_size > 1 and "val_loss" in results:  # every rank must agree (DDP)
-        per_rank = trainer.strategy.all_gather(torch.tensor(results["val_loss"]))
-        results["val_loss_per_rank"] = per_rank.flatten().tolist()
+    if trainer.world_size > 1:  # data parallel: every rank must hold the same weights
+        results["weights_checksum_per_rank"] = weight_checksums(trainer, task)
     results["final_eval_s"] = time.perf_counter() - started  # inside wall_s
     return results
+
+
+def weight_checksums(trainer: L.Trainer, task: LanguageModelTask) -> list[list[float]]:
+    """[sum, sum of squares] of every weight, in float64, per rank (gathered from all ranks)."""
+    weights = [p.detach().double() for p in task.model.parameters()]
+    local = torch.stack([sum(w.sum() for w in weights), sum(w.square().sum() for w in weights)])
+    return trainer.strategy.all_gather(local).view(-1, 2).tolist()
 
 
 def run_figures(cfg, trainer: L.Trainer, task: LanguageModelTask, started: float, run_dir) -> dict:

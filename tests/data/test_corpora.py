@@ -137,8 +137,15 @@ def test_read_text_errors(tmp_path, write_file):
         read_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match=r"file .*empty.txt is empty"):
         read_text(write_file("empty.txt", b""))
-    with pytest.raises(ValueError, match=r"model.bin is not UTF-8 text \(byte offset 4\)"):
+    # valid UTF-8 with NUL characters: named as such, not as an encoding error
+    with pytest.raises(
+        ValueError, match=r"model.bin holds 1 NUL character \(U\+0000, the first at"
+    ):
         read_text(write_file("model.bin", b"abcd\x00\x01\x02"))
+    with pytest.raises(
+        ValueError, match=r"blob.bin is not UTF-8 text \(byte offset 5\) and holds NUL bytes"
+    ):
+        read_text(write_file("blob.bin", b"abcd\x00\xff\x02"))
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte offset 3\)"):
         read_text(write_file("latin1.txt", "caf\xe9 au lait".encode("latin-1")))
 

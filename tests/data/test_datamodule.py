@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from lmkit.data import corpora, datamodule
 from lmkit.data.corpora import read_text
 from lmkit.data.datamodule import TextDataModule
+from lmkit.data.tokenizers import train_tokenizer
 from lmkit.evaluation import IGNORE_INDEX
 
 TRAIN_CHARS, VAL_CHARS = 1_003_854, 111_540  # nanoGPT's shakespeare_char split
@@ -36,6 +37,11 @@ def test_shakespeare_char_tokens(shakespeare_char, shakespeare_text):
         np.testing.assert_array_equal(dm.ids[split], dm.tokenizer.encode(text))
         assert dm.tokenizer.decode(dm.ids[split].tolist()) == text
         assert dm.scored_bytes(split) == len(text[1:].encode())
+    # val has no character train lacks, so the vocabulary of every split is the train split's
+    assert (
+        dm.tokenizer.to_json() == train_tokenizer("char", shakespeare_text[:TRAIN_CHARS]).to_json()
+    )
+    assert dm.meta["unseen_chars"] == {"val": {"count": 0, "chars": []}}
 
 
 def test_cache_layout_and_meta(shakespeare_char):
@@ -290,7 +296,8 @@ def test_empty_and_binary_files(write_file):
     with pytest.raises(ValueError, match=r"file .*empty.txt is empty"):
         TextDataModule(train=str(write_file("empty.txt", "")), val=val).prepare()
     binary = write_file("weights.bin", bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match=r"weights.bin is not UTF-8 text \(byte offset 0\)"):
+    # the first byte that is not UTF-8 (its NUL at offset 0 is valid UTF-8)
+    with pytest.raises(ValueError, match=r"weights.bin is not UTF-8 text \(byte offset 128\)"):
         TextDataModule(train=str(binary), val=val).prepare()
     with pytest.raises(FileNotFoundError, match=r"nope.txt does not exist"):
         TextDataModule(train=val, val="nope.txt").prepare()

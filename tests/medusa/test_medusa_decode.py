@@ -1,11 +1,16 @@
-"""Medusa: trees, acceptance rules, greedy equality with plain decoding, caches after acceptance."""
+"""Medusa: trees, acceptance rules, ties, greedy equality with plain decoding, sampling, caches
+after acceptance."""
+
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from support import compose_config
 
 from lmkit.decoding.sampling import generate
-from lmkit.medusa.decode import accepted_lengths, medusa_generate
+from lmkit.medusa.accept import accepted_lengths, best_path, candidate_ok, typical_threshold
+from lmkit.medusa.decode import medusa_generate, plan_steps, tree_choice
 from lmkit.medusa.model import MedusaLM, head_targets
 from lmkit.medusa.tree import (
     calibration_text,
@@ -108,6 +113,138 @@ def test_typical_acceptance_thresholds():
     assert never.tolist() == [0, 0, 0]
     always = accepted_lengths(logits, candidates, depth, acceptance="typical", epsilon=0, delta=0)
     assert always.tolist() == [3, 3, 3]  # every candidate has positive probability
+
+
+# Typical acceptance by hand: p(candidate) > min(epsilon, delta * exp(-H(p))), p = softmax(logits
+# / T). Logits are T * log p, so p is exactly the distribution below when the temperature divides.
+#  p                      eps  delta  cand   H        delta*exp(-H)  threshold  accepted
+#  .5 .18 .16 .16         0.2  0.5    .18    1.24166  0.14445        0.14445    yes
+#      max(...) or exp(+H) make the threshold 0.2: rejected
+#  .7 .25 .05             0.2  0.6    .25    0.74603  0.28455        0.2        yes
+#      max(...), or delta * exp(-H) alone, make it 0.28455: rejected
+#  .7 .25 .05             0.2  0.6    .05    0.74603  0.28455        0.2        no
+#  .9 .08 .02             0.1  0.3    .08    0.37512  0.20616        0.1        no
+#      without the temperature p is softmax(log p / 2), p(cand) = 0.206: accepted
+TYPICAL_BY_HAND = [
+    ([0.5, 0.18, 0.16, 0.16], 0.2, 0.5, 1, 0.14445, True),
+    ([0.7, 0.25, 0.05], 0.2, 0.6, 1, 0.2, True),
+    ([0.7, 0.25, 0.05], 0.2, 0.6, 2, 0.2, False),
+    ([0.9, 0.08, 0.02], 0.1, 0.3, 1, 0.1, False),
+]
+
+
+@pytest.mark.parametrize(("p", "epsilon", "delta", "candidate", "threshold", "ok"), TYPICAL_BY_HAND)
+def test_typical_acceptance_at_intermediate_thresholds_by_hand(
+    p, epsilon, delta, candidate, threshold, ok
+):
+    temperature = 0.5
+    logits = temperature * torch.tensor(p).log()
+    options = dict(temperature=temperature, epsilon=epsilon, delta=delta)
+    got = candidate_ok(logits, torch.tensor(candidate), "typical", **options)
+    assert bool(got) == ok
+    # as a path: [root, candidate, candidate] counts 2 accepted, or none
+    path = accepted_lengths(
+        torch.stack([logits] * 3).unsqueeze(0),
+        torch.tensor([[candidate, candidate]]),
+        torch.tensor([2]),
+        "typical",
+        **options,
+    )
+    assert path.tolist() == [2 if ok else 0]
+    logp = (logits / temperature).log_softmax(-1)
+    assert float(typical_threshold(logp, epsilon, delta)) == pytest.approx(threshold, abs=1e-5)
+
+
+# ---- ties between equally long accepted paths ------------------------------------------------
+
+
+def log_probs(picked: dict[int, float], vocab: int = 8) -> torch.Tensor:
+    """Log-probabilities over vocab tokens: picked[token] at its token, the rest shared evenly."""
+    p = torch.full((vocab,), (1 - sum(picked.values())) / (vocab - len(picked)))
+    for token, prob in picked.items():
+        p[token] = prob
+    return p.log()
+
+
+# Three paths of two candidates, every one accepted at epsilon 0.1, delta 0.3 (each p > 0.1):
+#   path    nodes  tokens  p(c1)  p(c2)  likelihood
+#   (0, 0)  1, 2   1, 4    0.40   0.25   0.100   first in tree order, likeliest first candidate
+#   (1, 0)  3, 4   2, 5    0.15   0.80   0.120   likeliest second candidate
+#   (2, 0)  5, 6   3, 6    0.30   0.45   0.135   the most likely path: kept
+TIE_TREE = [(0,), (0, 0), (1,), (1, 0), (2,), (2, 0)]  # nodes 1 ... 6, depth-first
+TIE_TOKENS = [0, 1, 4, 2, 5, 3, 6]  # root, node 1, ..., node 6
+TIE_LOGITS = torch.stack(  # the base's logits at each node, which score its children
+    [
+        log_probs({1: 0.40, 2: 0.15, 3: 0.30}),  # root
+        log_probs({4: 0.25}),  # node 1
+        log_probs({}),
+        log_probs({5: 0.80}),  # node 3
+        log_probs({}),
+        log_probs({6: 0.45}),  # node 5
+        log_probs({}),
+    ]
+)
+
+
+@pytest.mark.parametrize("acceptance", ["typical", "greedy"])
+def test_ties_go_to_the_most_likely_path_in_both_verifications(acceptance):
+    """The tree step (tree_choice on node logits) and the batched step (best_path on each
+    leaf's path) keep the same path: under typical acceptance the likeliest of the three equally
+    long ones, (2, 0); under greedy acceptance the argmax chain (0, 0), the only one accepted."""
+    options = dict(temperature=1.0, epsilon=0.1, delta=0.3)
+    heads = SimpleNamespace(heads=[None, None], supports_tree=False)
+    plan = plan_steps(heads, TIE_TREE, acceptance, options, False, torch.device("cpu"))
+    assert plan.buffers.paths == TIE_TREE
+    node, row = (6, 2) if acceptance == "typical" else (2, 0)
+    assert tree_choice(plan, TIE_LOGITS, TIE_TOKENS)[0] == node
+    leaves = plan.buffers.leaves  # [[0, 1, 2], [0, 3, 4], [0, 5, 6]]
+    seqs = torch.tensor(TIE_TOKENS)[leaves]
+    got = best_path(TIE_LOGITS[leaves], seqs[:, 1:], plan.buffers.leaf_depth, acceptance, **options)
+    assert got == (row, 2)
+
+
+@torch.no_grad()
+def likeliest_path(model, prefix: torch.Tensor, paths, temperature: float):
+    """By plain forwards: [root, c1, ...] of the most likely of `paths` (rank tuples) from the
+    root prefix[-1] (the first on equal likelihood), and whether it is the first path."""
+    h = model.hidden_states(prefix[:-1].unsqueeze(0))[0, -1]
+    ranked = model.heads(h.view(1, 1, -1))[:, 0, 0].argsort(-1, descending=True)  # [K, V]
+    best, best_ll, first = None, -math.inf, False
+    for path in paths:
+        tokens = [int(ranked[k, r]) for k, r in enumerate(path)]
+        logits = model(torch.cat([prefix, torch.tensor(tokens)]).unsqueeze(0))[0]
+        logp = (logits[-len(tokens) - 1 : -1] / temperature).log_softmax(-1)
+        ll = float(logp[range(len(tokens)), tokens].sum())
+        if ll > best_ll:
+            best, best_ll, first = tokens, ll, path == paths[0]
+    return [int(prefix[-1]), *best], first
+
+
+@pytest.mark.parametrize("use_tree_mask", [True, False])
+def test_typical_keeps_the_most_likely_of_the_deepest_paths(use_tree_mask):
+    """Threshold 0 accepts every path to its full depth: each step keeps the deepest path the
+    base finds most likely (recomputed by plain forwards), often not the first in tree order."""
+    model = medusa_model("softmax", scramble=1.0, seed=2)
+    tree, temperature = default_tree(3, 12), 0.8
+    deepest = [p for p in tree if len(p) == max(map(len, tree))]
+    prompt = torch.tensor([[3, 1, 4]])
+    _, stats = medusa_generate(
+        model,
+        prompt,
+        21,
+        acceptance="typical",
+        temperature=temperature,
+        epsilon=0.0,
+        delta=0.0,
+        tree=tree,
+        use_tree_mask=use_tree_mask,
+    )
+    sequence, start, firsts = stats.sequence[0], prompt.shape[1], 0
+    for kept in stats.accepted:  # each step's root is the token after the last step's path
+        expected, first = likeliest_path(model, sequence[: start + 1], deepest, temperature)
+        assert sequence[start : start + kept].tolist() == expected, start
+        start, firsts = start + kept, firsts + first
+    assert firsts < stats.steps  # the rule mattered: some steps kept a later path
 
 
 def test_greedy_calibration_text_is_the_models_greedy_continuation():
@@ -259,6 +396,63 @@ def test_typical_acceptance_keeps_the_same_tokens_in_both_verification_paths():
     assert max(tree_stats.accepted) > 1
 
 
+# ---- sampling (typical acceptance) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_tree_mask", [True, False])
+@pytest.mark.parametrize(("top_k", "top_p"), [(None, None), (3, None), (None, 0.6)])
+def test_sampled_medusa_accepting_nothing_is_plain_sampling(use_tree_mask, top_k, top_p):
+    """Thresholds nothing passes: every step keeps its root and draws the bonus token, so the
+    tokens are plain cached sampling's at the same temperature, filters and generator seed."""
+    model = medusa_model("softmax", scramble=0.05)
+    prompt = torch.tensor([[2, 7, 1]])
+    sampling = dict(temperature=0.8, top_k=top_k, top_p=top_p)
+    expected = generate(model, prompt, 20, generator=torch.Generator().manual_seed(5), **sampling)
+    tokens, stats = medusa_generate(
+        model,
+        prompt,
+        20,
+        acceptance="typical",
+        epsilon=1e9,
+        delta=1e9,
+        sample=True,
+        generator=torch.Generator().manual_seed(5),
+        tree=default_tree(3, 12),
+        use_tree_mask=use_tree_mask,
+        **sampling,
+    )
+    assert stats.accepted == [1] * stats.steps
+    assert torch.equal(tokens, expected)
+    assert not torch.equal(tokens, generate(model, prompt, 20, temperature=0))  # not greedy
+
+
+def test_sampled_typical_medusa_is_reproducible_per_seed():
+    model = medusa_model("softmax", scramble=0.05, seed=1)
+    prompt = torch.tensor([[2, 7, 1, 8, 2]])
+
+    def run(seed: int, use_tree_mask: bool = True):
+        return medusa_generate(
+            model,
+            prompt,
+            30,
+            acceptance="typical",
+            temperature=0.8,
+            epsilon=0.2,
+            delta=0.5,
+            sample=True,
+            generator=torch.Generator().manual_seed(seed),
+            tree=default_tree(3, 12),
+            use_tree_mask=use_tree_mask,
+        )
+
+    tokens, stats = run(0)
+    assert max(stats.accepted) > 1  # candidates are accepted between the draws
+    assert torch.equal(run(0)[0], tokens)
+    assert torch.equal(run(0, use_tree_mask=False)[0], tokens)  # both verifications draw alike
+    assert not torch.equal(run(1)[0], tokens)
+    assert not torch.equal(run(2)[0], tokens)
+
+
 def test_medusa_errors_are_clear():
     plain = build_model(compose_config("run_dir=/tmp/unused"), vocab_size=VOCAB)
     with pytest.raises(ValueError, match="no Medusa heads"):
@@ -266,6 +460,15 @@ def test_medusa_errors_are_clear():
     model = medusa_model("softmax")
     with pytest.raises(ValueError, match="one prompt"):
         medusa_generate(model, torch.tensor([[1], [2]]), 5)
+    one = torch.tensor([[1]])
+    with pytest.raises(ValueError, match="sample=True with acceptance='greedy'"):
+        medusa_generate(model, one, 5, sample=True)
+    with pytest.raises(ValueError, match="pass sample=True"):
+        medusa_generate(model, one, 5, acceptance="typical", top_k=5)
+    with pytest.raises(ValueError, match="temperature=0: typical acceptance needs"):
+        medusa_generate(model, one, 5, acceptance="typical", temperature=0, sample=True)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        medusa_generate(model, one, 5, acceptance="typical", sample=True, top_p=1.5)
     bounded = MedusaLM(
         build_model(compose_config("data.block_size=16", "run_dir=/tmp/u"), VOCAB), 2
     )

@@ -33,4 +33,3 @@ def test_as_a_language_model_it_is_its_base_and_heads_start_as_the_lm_head():
         torch.testing.assert_close(logits, model.head(h))
     heads = sum(p.numel() for p in model.heads.parameters())
     assert model.num_params() == model.base.num_params() + heads
-

@@ -1,4 +1,5 @@
-"""LinearAttention: quadratic == chunk == recurrent, cache == parallel, gradients, options."""
+"""LinearAttention: quadratic == chunk == recurrent, cache == parallel, gradients, options, and
+every mode against the paper's formula computed pair by pair."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmkit.mixers.feature_maps import FEATURE_MAPS, taylor
 from lmkit.mixers.linear import (
+    MODES,
     LinearAttention,
     LinearCache,
     chunk_form,
@@ -108,6 +111,115 @@ def test_module_modes_agree(options):
     assert_fp32_close(recurrent(x), y)
 
 
+# phi transcribed from the papers (independent of lmkit.mixers.feature_maps): elu(x) + 1
+# (Katharopoulos et al., 2020, eq. 7), relu, the identity, and Based's second-order Taylor
+# kernel (Arora et al., 2024), given by its value phi(q).phi(k) = 1 + s + s^2 / 2, s = q.k / sqrt d.
+PAPER_PHI = {"elu": lambda x: F.elu(x) + 1.0, "relu": F.relu, "identity": lambda x: x}
+
+
+def paper_kernel(name, q, k):
+    """phi(q).phi(k) for q, k [..., Dh] -> [...]."""
+    if name == "taylor":
+        s = (q * k).sum(-1) / q.shape[-1] ** 0.5
+        return 1.0 + s + s * s / 2.0
+    return (PAPER_PHI[name](q) * PAPER_PHI[name](k)).sum(-1)
+
+
+def paper_rotate(x, pos, base):
+    """RoFormer rotation of x [..., Dh] at position pos (channel m paired with m + Dh / 2,
+    turned by pos * base^(-2m / Dh))."""
+    half = x.shape[-1] // 2
+    angle = pos * base ** (-2.0 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+@torch.no_grad()
+def paper_reference(layer, x):
+    """LinearAttention's output from Katharopoulos et al. (2020), eq. 4-6, in float64 with a loop
+    over every (query i, key j <= i) pair: per head, with sim(q, k) = phi(q).phi(k),
+    y_i = sum_j sim(q_i, k_j) v_j / (sum_j sim(q_i, k_j) + eps). normalize=False drops the
+    denominator and RMS-normalises y_i over the head's channels (eps inside the root, gain
+    out_norm.weight). Rotary (RoFormer eq. 19): the numerator uses R_i phi(q_i) . R_j phi(k_j),
+    the denominator the unrotated features; maps that depend on q.k alone (taylor, identity) use
+    sim(R_i q_i, R_j k_j) in both."""
+    B, T, D = x.shape
+    H, name, eps = layer.num_heads, layer.feature_map, layer.eps
+    qkv = F.linear(x.double(), layer.qkv.weight.double(), _double(layer.qkv.bias))
+    q, k, v = (t.reshape(B, T, H, D // H) for t in qkv.split(D, dim=-1))  # [B, T, H, Dh]
+    rotary = layer.rotary
+    base = None if rotary is None else rotary.base
+    y = torch.zeros(B, T, H, D // H, dtype=torch.float64)
+    for i in range(T):
+        num = torch.zeros(B, H, D // H, dtype=torch.float64)
+        den = torch.zeros(B, H, 1, dtype=torch.float64)
+        for j in range(i + 1):
+            qi, kj = q[:, i], k[:, j]  # [B, H, Dh]
+            if rotary is not None and name in ("taylor", "identity"):
+                qi, kj = paper_rotate(qi, i, base), paper_rotate(kj, j, base)
+            sim = paper_kernel(name, qi, kj)[..., None]  # [B, H, 1]
+            if rotary is not None and name in ("elu", "relu"):
+                phi = PAPER_PHI[name]
+                rotated = paper_rotate(phi(qi), i, base) * paper_rotate(phi(kj), j, base)
+                num += rotated.sum(-1, keepdim=True) * v[:, j]
+            else:
+                num += sim * v[:, j]
+            den += sim
+        if layer.normalize:
+            y[:, i] = num / (den + eps)
+        else:
+            rms = (num.square().mean(-1, keepdim=True) + eps).sqrt()
+            y[:, i] = num / rms * layer.out_norm.weight.double()
+    out_proj = layer.out_proj
+    return F.linear(y.reshape(B, T, D), out_proj.weight.double(), _double(out_proj.bias))
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+REFERENCE_OPTIONS = {
+    **OPTIONS,
+    # eps = 0.5 makes its place visible: inside the denominator, or inside the RMS norm's root
+    "elu-eps0.5": dict(eps=0.5),
+    "relu-eps0.5-bias": dict(feature_map="relu", eps=0.5, bias=True),
+    "elu-rope-eps0.5": dict(eps=0.5, rotary=RotaryEmbedding(D_MODEL // NUM_HEADS)),
+    "elu-outnorm-eps0.5": dict(normalize=False, eps=0.5),
+}
+
+
+@pytest.mark.parametrize("mode", ["chunk", "quadratic", "recurrent", "cached"])
+@pytest.mark.parametrize("options", REFERENCE_OPTIONS.values(), ids=REFERENCE_OPTIONS.keys())
+def test_outputs_match_the_paper_reference(options, mode):
+    """Every mode, and cached decoding, against the paper's formula computed pair by pair: the
+    forms and the shared normaliser code (denominator column, eps, out_norm, rotary split) are
+    checked against an independent computation, not against each other."""
+    (layer,) = pair(modes=("chunk" if mode == "cached" else mode,), chunk_size=8, **options)
+    if layer.out_norm is not None:
+        with torch.no_grad():  # a gain other than 1, to check that it is applied per channel
+            layer.out_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 21, D_MODEL)
+    if mode == "cached":  # a prefill across chunks, single steps and a longer continuation
+        cache, out, pos = layer.init_cache(2, max_len=1), [], 0
+        for n in (9, 1, 1, 6, 1, 3):
+            out.append(layer(x[:, pos : pos + n], cache))
+            pos += n
+        y = torch.cat(out, 1)
+    else:
+        y = layer(x)
+    assert_fp32_close(y.double(), paper_reference(layer, x))
+
+
+def test_relu_rows_without_features_give_zero_not_nan():
+    """relu(q) = 0 everywhere: the denominator is only eps and every output is exactly 0."""
+    for mode in MODES:
+        (layer,) = pair(modes=(mode,), feature_map="relu", chunk_size=4)
+        with torch.no_grad():
+            layer.qkv.weight[:D_MODEL] = 0.0  # q = 0
+        y = layer(torch.randn(2, 9, D_MODEL))
+        assert torch.equal(y, torch.zeros_like(y)), mode
+
+
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_cache_equals_parallel(options):
     (layer,) = pair(modes=("chunk",), chunk_size=4, **options)
@@ -180,13 +292,6 @@ def test_elu_features_survive_very_negative_bf16_inputs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(torch.randn(2, 30, D_MODEL))
     assert torch.isfinite(y.float()).all()
-
-
-def test_relu_rows_without_features_give_zero_not_nan():
-    q = torch.zeros(1, 1, 5, 4)  # relu(q) = 0: the denominator is only eps
-    k, v = torch.rand(1, 1, 5, 4), torch.randn(1, 1, 5, 3)
-    y, _ = chunk_form(q, k, torch.cat([v, torch.ones(1, 1, 5, 1)], -1), chunk_size=2)
-    assert torch.equal(y[..., :3] / (y[..., 3:] + 1e-6), torch.zeros(1, 1, 5, 3))
 
 
 def test_taylor_kernel_is_second_order_exp():

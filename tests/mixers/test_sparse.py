@@ -1,4 +1,5 @@
-"""SparseAttention: block-sparse path and decoding cache against the dense masked reference."""
+"""SparseAttention: block-sparse path and decoding cache against the dense masked reference, the
+mask builder against the paper's sets, and every path against naive attention over those sets."""
 
 from __future__ import annotations
 
@@ -191,6 +192,129 @@ def test_every_position_is_reachable_in_two_hops(pattern):
         assert pattern_mask(i, j, part=part, **opts).diagonal().all()  # no empty row
     if pattern == "strided":
         assert int(union.sum(1).max()) <= l + math.ceil(T / l)
+
+
+def paper_mask(T, *, pattern, window=1, stride=2, summary=1, part="all"):
+    """[T, T] bool built set by set, query by query, from the Sparse Transformer's definitions
+    (Child et al., 2019, section 4.2; independent of `pattern_mask`). A1 and A2 per query i:
+    local: A1 = the last `window` positions i - window + 1 .. i (no A2).
+    strided: A1 = the same band; A2 = i, i - stride, i - 2 stride, ... down to 0.
+    fixed: A1 = i's own block of `stride` positions up to i; A2 = the last `summary` positions
+    of every block (b stride + stride - summary .. b stride + stride - 1), up to i.
+    part: "all" = A1 | A2 (one head sees both), "first" = A1, "second" = A2 plus i itself."""
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        if pattern == "fixed":
+            a1 = set(range(i - i % stride, i + 1))
+            a2 = {
+                b * stride + u
+                for b in range(i // stride + 1)
+                for u in range(stride - summary, stride)
+                if b * stride + u <= i
+            }
+        else:
+            a1 = set(range(max(0, i - window + 1), i + 1))
+            a2 = set(range(i, -1, -stride)) if pattern == "strided" else set()
+        keys = {"all": a1 | a2, "first": a1, "second": a2 | {i}}[part]
+        for j in keys:
+            mask[i, j] = True
+    return mask
+
+
+MASK_CASES = {  # (T, options): T = 1, windows 1 and > T, stride > T, summary 1 and stride - 1
+    "local-T1": (1, dict(pattern="local", window=1)),
+    "local-w1": (9, dict(pattern="local", window=1)),
+    "local-w4": (9, dict(pattern="local", window=4)),
+    "local-w-over-T": (9, dict(pattern="local", window=20)),
+    "strided-w4-l4": (23, dict(pattern="strided", window=4, stride=4)),
+    "strided-w6-l4": (23, dict(pattern="strided", window=6, stride=4)),
+    "strided-w9-l3": (24, dict(pattern="strided", window=9, stride=3)),
+    "strided-w7-l2": (24, dict(pattern="strided", window=7, stride=2)),
+    "strided-l-over-T": (5, dict(pattern="strided", window=8, stride=8)),
+    "fixed-l6-c2": (23, dict(pattern="fixed", stride=6, summary=2)),
+    "fixed-l6-c5-T-multiple": (24, dict(pattern="fixed", stride=6, summary=5)),
+    "fixed-l5-c1": (23, dict(pattern="fixed", stride=5, summary=1)),
+    "fixed-l2-c1": (9, dict(pattern="fixed", stride=2, summary=1)),
+    "fixed-l-over-T": (4, dict(pattern="fixed", stride=8, summary=3)),
+    "fixed-T1": (1, dict(pattern="fixed", stride=2, summary=1)),
+}
+
+
+@pytest.mark.parametrize("part", ["all", "first", "second"])
+@pytest.mark.parametrize("T,options", MASK_CASES.values(), ids=MASK_CASES.keys())
+def test_pattern_mask_matches_the_paper_sets(T, options, part):
+    full = dict(window=1, stride=2, summary=1) | options
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    got = pattern_mask(i, j, part=part, **full)
+    want = paper_mask(T, part="all" if options["pattern"] == "local" else part, **full)
+    wrong = (got != want).nonzero().tolist()
+    assert not wrong, f"pattern_mask differs from the paper at (query, key) {wrong[:5]}"
+
+
+def paper_rotate(x, pos, base):
+    """RoFormer rotation of x [..., T, Dh] at positions pos [T] (channel m paired with m + Dh / 2,
+    turned by pos * base^(-2m / Dh))."""
+    half = x.shape[-1] // 2
+    angle = pos[:, None] * base ** (-2.0 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+@torch.no_grad()
+def naive_sparse_attention(mixer, x):
+    """Softmax attention in float64 with every head's [T, T] mask from `paper_mask`: "union" (and
+    local) gives every head A1 | A2, "split" gives the first half of the heads A1 and the others A2
+    (plus the diagonal)."""
+    B, T, D = x.shape
+    H = mixer.num_heads
+    bias = None if mixer.qkv.bias is None else mixer.qkv.bias.double()
+    qkv = torch.nn.functional.linear(x.double(), mixer.qkv.weight.double(), bias)
+    q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in qkv.split(D, -1))  # [B,H,T,Dh]
+    if mixer.rotary is not None:
+        pos = torch.arange(T, dtype=torch.float64)
+        q, k = paper_rotate(q, pos, mixer.rotary.base), paper_rotate(k, pos, mixer.rotary.base)
+    opts = dict(
+        pattern=mixer.pattern, window=mixer.window, stride=mixer.stride, summary=mixer.summary
+    )
+    split = mixer.combine == "split" and mixer.pattern != "local"
+    parts = [("first" if h < H // 2 else "second") if split else "all" for h in range(H)]
+    mask = torch.stack([paper_mask(T, part=part, **opts) for part in parts])  # [H, T, T]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(D // H)
+    y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v  # [B, H, T, Dh]
+    bias = None if mixer.out_proj.bias is None else mixer.out_proj.bias.double()
+    y = y.transpose(1, 2).reshape(B, T, D)
+    return torch.nn.functional.linear(y, mixer.out_proj.weight.double(), bias)
+
+
+REFERENCE_PATTERNS = {**PATTERNS, "fixed-l6-c2-rope": dict(pattern="fixed", stride=6, summary=2)}
+
+
+@pytest.mark.parametrize("path", ["block_sparse", "dense_reference", "cached"])
+@pytest.mark.parametrize("name", REFERENCE_PATTERNS.keys())
+def test_outputs_match_naive_attention_with_the_paper_mask(name, path):
+    """Both backends and cached decoding against plain softmax attention over the mask built from
+    the paper's sets, so the dense reference is not checked with the mask builder it uses."""
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(D_MODEL // NUM_HEADS) if name.endswith("rope") else None
+    backend = "dense_reference" if path == "dense_reference" else "block_sparse"
+    mixer = SparseAttention(
+        D_MODEL,
+        num_heads=NUM_HEADS,
+        block_size=4,
+        backend=backend,
+        rotary=rotary,
+        **REFERENCE_PATTERNS[name],
+    ).eval()
+    x = torch.randn(2, 23, D_MODEL)
+    if path == "cached":
+        cache, out, pos = mixer.init_cache(2, 23, rollback=2), [], 0
+        for n in (9, 1, 1, 7, 1, 4):
+            out.append(mixer(x[:, pos : pos + n], cache))
+            pos += n
+        y = torch.cat(out, 1)
+    else:
+        y = mixer(x)
+    assert_close(y.double(), naive_sparse_attention(mixer, x), **FP32)
 
 
 def test_bf16_error_matches_the_dense_reference():

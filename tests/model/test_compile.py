@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from torch._inductor.exc import InvalidCxxCompiler
 
 from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
@@ -28,7 +29,7 @@ def tiny_model() -> DecoderLM:
 def test_a_backend_that_cannot_compile_falls_back_to_eager_with_one_message(monkeypatch, caplog):
     def broken(fn, **kwargs):
         def compiled(*args, **kw):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\\nmore text")
+            raise InvalidCxxCompiler()  # inductor on a machine without g++
 
         return compiled
 
@@ -44,6 +45,26 @@ def test_a_backend_that_cannot_compile_falls_back_to_eager_with_one_message(monk
     failures = [r for r in caplog.records if "torch.compile failed" in r.getMessage()]
     assert len(failures) == 1 and "No working C++ compiler" in failures[0].getMessage()
     assert model.state_dict().keys() == reference.state_dict().keys()  # checkpoints unchanged
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CPU out of memory"), ValueError("a bug in the model")]
+)
+def test_errors_that_are_not_compilation_failures_propagate(monkeypatch, caplog, error):
+    def failing(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise error
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing)
+    model = tiny_model()
+    compile_model(model)
+    with caplog.at_level(logging.WARNING, logger="lmkit.run.runtime"):
+        with pytest.raises(type(error)):
+            model(torch.randint(0, 17, (2, 8)))
+    assert "torch.compile failed" not in caplog.text
+    assert model.forward.compiled is not None  # still compiled: no silent switch to eager
 
 
 @pytest.mark.slow
