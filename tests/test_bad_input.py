@@ -168,3 +168,11 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: hydra.run.dir={taken} is a file, not a folder; give a folder path"]
     assert taken.read_text() == "not a folder"
+
+
+def test_a_clipping_algorithm_lmkit_does_not_run_is_refused_before_training(tiny_config):
+    assert_refused(
+        tiny_config("+trainer.gradient_clip_algorithm=value"),
+        ValueError,
+        r"gradient_clip_algorithm=value: lmkit clips by the gradients' total norm",
+    )

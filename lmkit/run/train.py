@@ -81,6 +81,12 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
             "(trainer.max_time=00:00:15:00) or a number of steps"
         )
     check_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_algorithm")  # a Lightning flag users add
+    if clip not in (None, "norm"):
+        raise ValueError(
+            f"trainer.gradient_clip_algorithm={clip}: lmkit clips by the gradients' total norm "
+            "(trainer.gradient_clip_val); drop the option or set it to norm"
+        )
     check_baselines(cfg)
     check_run_dir(run_dir)
 
