@@ -59,15 +59,13 @@ class StepPlan:
     acceptance: str
     options: dict
     device: torch.device
+    depth: list[int]  # of every node (root 0)
+    parent: list[int]  # of every node (root -1)
+    node_depth: Tensor  # depth on the device (tree positions = cache length + depth)
+    node_parent: Tensor  # parent of every non-root node, on the device
+    leaves: Tensor  # the buffers' leaves and leaf depths, on the device
+    leaf_depth: Tensor
     sampler: Sampler | None = None  # None: the root and bonus tokens are the base's argmax
-
-    @property
-    def depth(self) -> list[int]:
-        return self.buffers.depth.tolist()
-
-    @property
-    def parent(self) -> list[int]:
-        return self.buffers.parent.tolist()
 
 
 @dataclass
@@ -100,6 +98,12 @@ def plan_steps(
         acceptance=acceptance,
         options=options,
         device=device,
+        depth=depth,
+        parent=buffers.parent.tolist(),
+        node_depth=buffers.depth.to(device),
+        node_parent=buffers.parent[1:].to(device),
+        leaves=buffers.leaves.to(device),
+        leaf_depth=buffers.leaf_depth.to(device),
         sampler=sampler,
     )
 
@@ -129,18 +133,20 @@ def propose(model, plan: StepPlan, h: Tensor, root: int) -> list[int]:
 def verify_tree(model, plan: StepPlan, caches: list, tokens: list[int]) -> Accepted:
     """Attention models: every node in one pass under the tree mask; the caches keep the path."""
     device, length = plan.device, caches[0].length
-    plan.tree_step.positions = plan.buffers.depth.to(device) + length
+    plan.tree_step.positions = plan.node_depth + length
     node_tokens = torch.tensor([tokens], device=device)
     hs = model.hidden_states(node_tokens, caches, tree=plan.tree_step)[0]  # [N, D]
     logits = model.head(hs)  # [N, V]
     best, argmax = tree_choice(plan, logits, tokens)
     bonus = argmax[best] if argmax is not None else next_token(plan, logits[best])
     chain = plan.buffers.chains[best]
+    in_place = chain == list(range(len(chain)))  # a prefix of the all-top-1 chain
+    index = None if in_place else torch.tensor(chain, device=device)
     for cache in caches:
-        if chain == list(range(len(chain))):  # a prefix of the all-top-1 chain: in place
+        if in_place:
             cache.crop(length + len(chain))
         else:
-            cache.compact(length, torch.tensor(chain, device=device))
+            cache.compact(length, index)
     return Accepted([tokens[j] for j in chain], bonus, hs[best], caches)
 
 
@@ -153,24 +159,22 @@ def tree_choice(plan: StepPlan, logits: Tensor, tokens: list[int]) -> tuple[int,
         argmax = logits.argmax(-1).tolist()
         ok = [tokens[i] == argmax[parent[i]] for i in range(1, len(tokens))]
         return deepest_accepted(ok, parent, depth), argmax
-    parents = plan.buffers.parent[1:].to(logits.device)
     candidates = torch.tensor(tokens[1:], device=logits.device)
-    ok, logp = candidate_scores(logits[parents], candidates, plan.acceptance, **plan.options)
+    scores = logits[plan.node_parent]  # node i's candidate is scored by its parent's logits
+    ok, logp = candidate_scores(scores, candidates, plan.acceptance, **plan.options)
     return deepest_accepted(ok.tolist(), parent, depth, logp.tolist()), None
 
 
 def verify_paths(model, plan: StepPlan, caches: list, tokens: list[int]) -> Accepted:
     """Every mixer: the tree's maximal paths as one batch from the (expanded) caches."""
     device, length = plan.device, caches[0].length
-    leaves = plan.buffers.leaves.to(device)
-    seqs = torch.tensor(tokens, device=device)[leaves]  # [P, max_depth + 1]
+    seqs = torch.tensor(tokens, device=device)[plan.leaves]  # [P, max_depth + 1]
     snapshot = [copy.copy(c) for c in caches]  # select() copies; these stay intact
     for cache in caches:
         cache.select(torch.zeros(len(seqs), dtype=torch.long, device=device))
     hs = model.hidden_states(seqs, caches)  # [P, L, D]
     logits = model.head(hs)  # [P, L, V]
-    leaf_depth = plan.buffers.leaf_depth.to(device)
-    best, a = best_path(logits, seqs[:, 1:], leaf_depth, plan.acceptance, **plan.options)
+    best, a = best_path(logits, seqs[:, 1:], plan.leaf_depth, plan.acceptance, **plan.options)
     kept, bonus = seqs[best, : 1 + a].tolist(), next_token(plan, logits[best, a])
     if rewind(caches, torch.tensor([best], device=device), length + 1 + a):
         return Accepted(kept, bonus, hs[best, a], caches)
