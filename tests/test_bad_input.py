@@ -151,7 +151,7 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_checkpoints(tiny_confi
 def test_lightning_refusing_a_trainer_flag_is_one_line(tmp_path):
     """Lightning's own verdict on a trainer flag (no GPU here) is a user error, not a traceback."""
     if torch.cuda.is_available():
-        pytest.skip("a GPU is available: accelerator=gpu is valid here")
+        pytest.skip("accelerator=gpu is valid where a GPU is present; runs on machines without one")
     out = run_train(
         "trainer.accelerator=gpu", "trainer.precision=32-true", f"hydra.run.dir={tmp_path}/run"
     )

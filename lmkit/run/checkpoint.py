@@ -192,18 +192,15 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> tuple[str | None, int]:
     return str(path), step
 
 
-def check_same_run(saved: DictConfig, cfg: DictConfig, path, step: int) -> None:
+def check_same_run(saved: DictConfig, cfg: DictConfig, path, step: int) -> list[str]:
     """The whole config equals the checkpoint's, but for RESUME_MAY_DIFFER, the budget (with a
-    warning) and the keys of cfg.resume_accept; else one error naming up to three keys."""
+    warning) and the keys of cfg.resume_accept; else one error naming up to three keys.
+    Returns the keys that differ and were let through."""
     old, new = _flat(saved), _flat(cfg)
     derived = _interpolated(cfg)  # compared through the keys they copy (optim.*, seed, ...)
     accepted = tuple(str(k) for k in cfg.resume_accept)
-    diff = sorted(
-        k
-        for k in old.keys() | new.keys()
-        if old.get(k) != new.get(k)
-        and not k.startswith(RESUME_MAY_DIFFER + accepted + derived)
-    )
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    diff = [k for k in changed if not k.startswith(RESUME_MAY_DIFFER + accepted + derived)]
     budget = [k for k in diff if k in RESUME_BUDGET]
     diff = [k for k in diff if k not in RESUME_BUDGET]
     if diff:
@@ -229,38 +226,27 @@ def check_same_run(saved: DictConfig, cfg: DictConfig, path, step: int) -> None:
             old.get(key),
             step,
         )
+    return [k for k in changed if not k.startswith(derived)]
 
 
 def _interpolated(cfg: DictConfig) -> tuple[str, ...]:
     """The keys (prefixes) whose values interpolate other keys of cfg (e.g. task.optimizer,
     data.seed): differences there are differences of the keys they copy."""
-    out: list[str] = []
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        elif isinstance(value, str) and value.startswith("${"):
-            out.append(prefix[:-1])
-
-    walk("", OmegaConf.to_container(cfg, resolve=False))
-    return tuple(out)
+    leaves = _leaves(OmegaConf.to_container(cfg, resolve=False))
+    return tuple(k for k, v in leaves.items() if isinstance(v, str) and v.startswith("${"))
 
 
 def _flat(section) -> dict:
-    if section is None:
-        return {}
-    container = OmegaConf.to_container(section, resolve=True)
+    return {} if section is None else _leaves(OmegaConf.to_container(section, resolve=True))
+
+
+def _leaves(container, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every non-dict value of a nested dict."""
+    if not isinstance(container, dict):
+        return {prefix[:-1]: container}
     out: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = value
-
-    walk("", container)
+    for key, value in container.items():
+        out.update(_leaves(value, f"{prefix}{key}."))
     return out
 
 
