@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 TASK = "lmkit.medusa.task.MedusaTask"
+OPTIONS = ("loss_decay", "joint", "base_lr_scale", "distill_prompt")
 
 
 def upgrade_legacy_medusa(checkpoint: dict) -> None:
@@ -15,14 +16,9 @@ def upgrade_legacy_medusa(checkpoint: dict) -> None:
     options = config.pop("medusa", None) or {}
     if not heads:
         return
-    config["task"].update(
-        _target_=TASK,
-        heads=heads,
-        loss_decay=float(options.get("loss_decay", 0.8)),
-        joint=bool(options.get("joint", False)),
-        base_lr_scale=float(options.get("base_lr_scale", 0.1)),
-        distill_prompt=int(options.get("distill_prompt", 0)),
-    )
+    config["task"].update(_target_=TASK, heads=heads)
+    # the run's own options; a key the old section lacks takes MedusaTask's default
+    config["task"].update({k: v for k, v in options.items() if k in OPTIONS})
     state = checkpoint["state_dict"]
     checkpoint["state_dict"] = {_new_key(k): v for k, v in state.items()}
 

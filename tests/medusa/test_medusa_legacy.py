@@ -30,6 +30,7 @@ def test_legacy_checkpoint_restores_as_a_medusa_model():
     restored, prompt = restored_with_prompt()
     assert isinstance(restored.model, MedusaLM) and len(restored.model.heads) == 2
     assert restored.config.task._target_ == "lmkit.medusa.task.MedusaTask"
+    assert restored.config.task.distill_prompt == 4  # the fixture run's own Medusa option
     assert "medusa_heads" not in restored.config.model and "medusa" not in restored.config
     h = restored.model.hidden_states(prompt)
     heads = restored.model.heads(h)[:, 0, -1, :8]
