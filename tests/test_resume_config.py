@@ -4,10 +4,11 @@ longer budget, with a warning) may differ unless the user accepts a difference b
 import logging
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from support import REPO, compose_config
 
-from lmkit.run.checkpoint import adopt_init_from, check_same_run
+from lmkit.run.checkpoint import adopt_init_from, check_same_run, load_checkpoint
 
 STEP = 100  # the checkpoint's global step
 
@@ -73,12 +74,19 @@ def test_a_longer_budget_resumes_with_a_warning_and_a_spent_one_is_refused(caplo
         check_same_run(saved_config(), resumed("trainer.max_steps=100"), "last.ckpt", STEP)
 
 
-def test_init_from_takes_the_checkpoints_sections_but_this_runs_budget_and_seed():
+def test_init_from_takes_the_checkpoints_sections_but_this_runs_budget_and_seed(tmp_path):
     """A run started from a checkpoint's weights adopts its model, tokenizer and data, but the
     data section's copies of run-wide settings (seed, max_steps) stay this run's: the train
     loader must be as long as this run and drawn from its seed."""
-    ckpt = REPO / "tests" / "fixtures" / "medusa_legacy" / "base.ckpt"
-    cfg = compose_config(f"init_from={ckpt}", "trainer.max_steps=77", "seed=5", run_dir="/tmp/r")
+    checkpoint = load_checkpoint(REPO / "tests" / "fixtures" / "medusa_legacy" / "base.ckpt")
+    config = OmegaConf.create(checkpoint["lmkit"]["config"])
+    config.seed, config.trainer.max_steps = 11, 1500  # the source run's own seed and budget
+    # stored resolved, as checkpoints of the current layout are
+    checkpoint["lmkit"]["config"] = OmegaConf.to_container(config, resolve=True)
+    assert checkpoint["lmkit"]["config"]["data"]["max_steps"] == 1500
+    torch.save(checkpoint, tmp_path / "source.ckpt")
+    init = f"init_from={tmp_path / 'source.ckpt'}"
+    cfg = compose_config(init, "trainer.max_steps=77", "seed=5", run_dir=tmp_path / "run")
     adopt_init_from(cfg)
     assert cfg.model.d_model == 24 and cfg.data.block_size == 16  # the checkpoint's model, data
     assert cfg.data.max_steps == 77 and cfg.data.seed == 5  # this run's budget and seed

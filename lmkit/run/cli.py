@@ -9,7 +9,6 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
@@ -21,10 +20,9 @@ USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
     PermissionError,
-    InstantiationException,
+    InstantiationException,  # also Lightning's verdict on a trainer flag, at construction
     DivergenceError,
     MissingMandatoryValue,
-    MisconfigurationException,  # Lightning's word on a trainer flag
 )
 
 
