@@ -14,3 +14,7 @@ def divergence_message(step: int, what: str) -> str:
         f"checkpoints saved before this step are intact. Lower optim.optimizer.lr, raise "
         f"optim.warmup_steps or use trainer.precision=32-true"
     )
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency (an extra of pyproject.toml) that a command needs is missing."""

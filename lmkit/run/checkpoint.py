@@ -3,6 +3,7 @@ atomic writes, export, and the upgrade of checkpoints written by earlier layouts
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import zipfile
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
-from safetensors.torch import save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from lmkit.data.tokenizers import Tokenizer
@@ -47,6 +48,16 @@ RESUME_MAY_DIFFER = (
 RESUME_BUDGET = ("trainer.max_steps", "trainer.max_time")
 # The sections init_from takes from its checkpoint, so that weights and token ids fit.
 INIT_FROM_SECTIONS = ("model", "tokenizer", "data")
+# An exported model folder (scripts/export.py): what restore reads back.
+FOLDER_FORMAT = "lmkit"
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "README.md",
+)
+# config.json's keys beside the run config's sections.
+FOLDER_METADATA = ("format", "lmkit_version", "vocab_size", "global_step", "tokens_seen")
 
 
 @dataclass
@@ -129,16 +140,47 @@ def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def restore(path: str | Path) -> Restored:
-    """Rebuild the model of a checkpoint from its own config (through its task, which may wrap
-    the model in modules of its own) and load its weights."""
+    """Rebuild the model of a checkpoint, or of a folder written by scripts/export.py, from its
+    own config (through its task, which may wrap the model in modules of its own) and load its
+    weights."""
+    if Path(path).is_dir():
+        return restore_folder(path)
     checkpoint = load_checkpoint(path)
     extras = checkpoint["lmkit"]
     config = OmegaConf.create(extras["config"])
     tokenizer = Tokenizer.from_json(extras["tokenizer"])
-    task = build_task(config, build_model(config, tokenizer.vocab_size))
-    task.model.load_state_dict(model_state(checkpoint))
-    task.model.eval()
-    return Restored(task.model, tokenizer, config, int(checkpoint.get("global_step", 0)))
+    model = _empty_model(config, tokenizer)
+    model.load_state_dict(model_state(checkpoint))
+    return Restored(model.eval(), tokenizer, config, int(checkpoint.get("global_step", 0)))
+
+
+def restore_folder(folder: str | Path) -> Restored:
+    """The model of an exported folder: config.json's run config, tokenizer.json, and the
+    weights of model.safetensors (tied weights stored once, shared again on load)."""
+    folder = Path(folder)
+    config_file = folder / CONFIG_FILE
+    spec = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if spec.get("format") != FOLDER_FORMAT:
+        raise ValueError(
+            f"{folder} is not a model folder written by lmkit (its {CONFIG_FILE} is missing or "
+            f"has no format={FOLDER_FORMAT!r}); export one with scripts/export.py ckpt=... out=DIR"
+        )
+    metadata = {k: spec.pop(k, None) for k in FOLDER_METADATA}
+    config = OmegaConf.create(spec)
+    tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
+    if tokenizer.vocab_size != metadata["vocab_size"]:
+        raise ValueError(
+            f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but {CONFIG_FILE} says "
+            f"vocab_size={metadata['vocab_size']}; export the folder again"
+        )
+    model = _empty_model(config, tokenizer)
+    load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    return Restored(model.eval(), tokenizer, config, int(metadata["global_step"] or 0))
+
+
+def _empty_model(config: DictConfig, tokenizer: Tokenizer) -> nn.Module:
+    """The model of a config, as its task builds it (e.g. with Medusa heads), before loading."""
+    return build_task(config, build_model(config, tokenizer.vocab_size)).model
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -281,18 +323,3 @@ def adopted_section(saved: DictConfig, current: DictConfig) -> dict:
         if key in section and isinstance(value, str) and value.startswith("${"):
             section[key] = value
     return section
-
-
-def export_safetensors(ckpt: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint's model weights as safetensors (tied weights stored once), with the
-    config and tokenizer as metadata."""
-    restored = restore(ckpt)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "config": OmegaConf.to_yaml(restored.config),
-        "tokenizer": restored.tokenizer.to_json(),
-        "format": "lmkit",
-    }
-    save_model(restored.model, str(out), metadata=metadata)
-    return out

@@ -12,16 +12,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from lmkit.errors import DivergenceError
+from lmkit.errors import DivergenceError, MissingExtraError
 
 # Errors that mean "the input is wrong", not "lmkit is broken": shown as one line, no traceback.
 USER_ERRORS = (
     ValueError,
+    ConnectionError,  # a push to the Hub that cannot reach it
     FileNotFoundError,
     FileExistsError,
     PermissionError,
     InstantiationException,  # also Lightning's verdict on a trainer flag, at construction
     DivergenceError,
+    MissingExtraError,  # pip install -e ".[extra]"
     MissingMandatoryValue,
 )
 

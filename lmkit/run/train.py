@@ -61,6 +61,10 @@ def train(cfg: DictConfig) -> dict:
     # The final weights and full training state, whatever the validation schedule was.
     trainer.save_checkpoint(last_ckpt(run_dir), weights_only=False)
     results = final_evaluation(trainer, task, datamodule)
+    results["eval_protocol"] = (
+        f"non-overlapping windows of {cfg.data.block_size} tokens (the context restarts at each "
+        "window); the n-gram baseline keeps its whole history (docs/evaluation.md)"
+    )
     results.update(run_figures(cfg, trainer, task, started, run_dir))
     if trainer.is_global_zero:
         results.update(run_baselines(cfg, datamodule))  # after wall_s: cached across runs
@@ -157,6 +161,7 @@ def run_figures(cfg, trainer: L.Trainer, task: LanguageModelTask, started: float
         "fit_val_s": task.fit_val_seconds,  # validations during training (inside wall_s)
         "peak_mem_mb": peak_memory_mb(),
         "steps": trainer.global_step,  # optimizer steps taken (a time budget decides them)
+        "tokens": trainer.global_step * tokens_per_step * trainer.accumulate_grad_batches,
         "checkpoint": str(last_ckpt(run_dir)),
     }
 

@@ -1,0 +1,1 @@
+"""lmkit models in lm-evaluation-harness (the optional `eval` extra)."""
