@@ -40,6 +40,11 @@ def stride_evaluation(
     windows of the model's block_size advancing `stride` tokens."""
     context = int(restored.config.data.block_size)
     check_rolling(context, stride)
+    if not hasattr(datamodule, "ids"):
+        raise ValueError(
+            f"eval.stride scores a corpus's token stream; {type(datamodule).__name__} has "
+            "independent examples instead: drop eval.stride"
+        )
     tokens = torch.from_numpy(np.asarray(datamodule.ids[split], dtype=np.int64))
     started = time.perf_counter()
     nll = _score(restored, [tokens], context, stride, batch_size, precision)[0].double()
