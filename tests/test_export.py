@@ -42,6 +42,12 @@ def trained(tmp_path, *overrides: str) -> tuple:
     return run_dir / "checkpoints" / "last.ckpt", run_dir
 
 
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One tiny softmax run shared by the tests that only read its checkpoint."""
+    return trained(tmp_path_factory.mktemp("softmax"))[0]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_folder_gives_the_checkpoints_logits(name, tmp_path):
     ckpt, _ = trained(tmp_path, *MODELS[name])
@@ -54,6 +60,8 @@ def test_folder_gives_the_checkpoints_logits(name, tmp_path):
     ]
     original, loaded = restore(ckpt), restore(folder)
     assert type(loaded.model) is type(original.model)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    assert fast(TEXT)["input_ids"] == original.tokenizer.encode(TEXT)
     idx = torch.tensor([original.tokenizer.encode(TEXT)[:32]])
     with torch.no_grad():
         assert torch.equal(loaded.model(idx), original.model(idx))
@@ -65,8 +73,7 @@ def test_folder_gives_the_checkpoints_logits(name, tmp_path):
             assert torch.equal(loaded.model.heads(h), original.model.heads(h))
 
 
-def test_tied_weights_are_stored_once_and_shared_again(tmp_path):
-    ckpt, _ = trained(tmp_path)
+def test_tied_weights_are_stored_once_and_shared_again(ckpt, tmp_path):
     folder = export_folder(ckpt, tmp_path / "model")
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
@@ -75,7 +82,9 @@ def test_tied_weights_are_stored_once_and_shared_again(tmp_path):
     assert model.head.proj.weight is model.embedding.token.weight
 
 
-def test_config_json_and_model_card_carry_the_run(tmp_path):
+def test_config_json_and_model_card_carry_the_run(tmp_path, monkeypatch):
+    # a cache of its own: the n-gram tests expect to fit their baselines first
+    monkeypatch.setenv("LMKIT_CACHE_DIR", str(tmp_path / "cache"))
     ckpt, run_dir = trained(tmp_path, "ngram.enabled=true", "ngram.order=3")
     results = json.loads((run_dir / "results.json").read_text())
     folder = export_folder(ckpt, tmp_path / "model")
@@ -91,8 +100,7 @@ def test_config_json_and_model_card_carry_the_run(tmp_path):
     assert "256 tokens" in card  # tokens seen
 
 
-def test_evaluate_and_generate_take_the_folder_as_the_checkpoint(tmp_path):
-    ckpt, _ = trained(tmp_path)
+def test_evaluate_and_generate_take_the_folder_as_the_checkpoint(ckpt, tmp_path):
     folder = export_folder(ckpt, tmp_path / "model")
     from_ckpt = evaluate_checkpoint(str(ckpt), limit_batches=3)
     from_folder = evaluate_checkpoint(str(folder), limit_batches=3)
@@ -120,8 +128,7 @@ def test_transformers_encodes_like_lmkit(kind, tmp_path):
     assert len(fast) == tokenizer.vocab_size
 
 
-def test_an_existing_folder_of_other_files_is_refused_untouched(tmp_path):
-    ckpt, _ = trained(tmp_path)
+def test_an_existing_folder_of_other_files_is_refused_untouched(ckpt, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -134,9 +141,8 @@ def test_an_existing_folder_of_other_files_is_refused_untouched(tmp_path):
         export_folder(ckpt, tmp_path / "model", push=True)
 
 
-def test_push_offline_fails_with_one_line_and_keeps_the_folder(tmp_path, monkeypatch):
+def test_push_offline_fails_with_one_line_and_keeps_the_folder(ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ckpt, _ = trained(tmp_path)
     with pytest.raises(ConnectionError, match="the folder is written") as err:
         export_folder(ckpt, tmp_path / "model", push=True, repo_id="someone/tiny")
     assert "\n" not in str(err.value)

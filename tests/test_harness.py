@@ -24,6 +24,7 @@ from lmkit.errors import MissingExtraError
 from lmkit.rolling import rolling_nll
 from lmkit.run import harness
 from lmkit.run.checkpoint import restore
+from lmkit.run.evaluate import evaluate_checkpoint
 from lmkit.run.export import export_folder
 from lmkit.run.harness import harness_model
 from lmkit.run.rolling_eval import document_streams
@@ -206,17 +207,59 @@ def test_lm_eval_script_runs_a_local_task_on_an_exported_folder(ckpt, tasks, tmp
     result = json.loads(out.stdout)
     assert result["stride"] == 8 and result["context"] == CONTEXT
     assert result["results"]["lmkit_docs"]["word_perplexity,none"] > 1
-    bad = subprocess.run(
-        [sys.executable, "scripts/lm_eval.py", f"ckpt={model}", "tasks=[no_such_task]"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert bad.returncode == 2 and "unknown lm-eval task(s) ['no_such_task']" in bad.stderr
+    with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
+        harness.run_harness(
+            OmegaConf.create({"ckpt": str(model), "tasks": ["no_such_task"], "include_path": None})
+        )
 
 
 def test_without_the_eval_extra_the_script_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(harness, "lm_eval", None)
     with pytest.raises(MissingExtraError, match=r'pip install -e "\.\[eval\]"'):
         harness.run_harness(OmegaConf.create({"tasks": ["wikitext"]}))
+
+
+def test_a_context_longer_than_the_model_is_cut_on_the_left(restored, shakespeare):
+    model = harness_model(restored, stride=None, batch_size=3, precision="32-true", seed=0)
+    tok = restored.tokenizer
+    pairs = [
+        (tok.encode(shakespeare[s : s + n]), tok.encode(shakespeare[s + n : s + n + 6]))
+        for s, n in ((0, 80), (300, 31), (900, 200))
+    ]  # 80 and 200 tokens: past the 32
+    for (context, continuation), (score, _) in zip(
+        pairs, model.loglikelihood_tokens(pairs), strict=True
+    ):
+        inputs = (context + continuation)[:-1][-CONTEXT:]  # the last 32 tokens before each target
+        with torch.no_grad():
+            logprobs = torch.log_softmax(restored.model(torch.tensor([inputs]))[0], -1)
+        first = len(inputs) - len(continuation)
+        expected = sum(float(logprobs[first + i, t]) for i, t in enumerate(continuation))
+        assert score == pytest.approx(expected, rel=1e-5)
+
+
+def test_bf16_autocast_scores_close_to_fp32(restored, shakespeare):
+    tok = restored.tokenizer
+    pairs = [(tok.encode(shakespeare[:20]), tok.encode(shakespeare[20:30]))]
+    scores = {
+        precision: harness_model(
+            restored, stride=None, batch_size=1, precision=precision, seed=0
+        ).loglikelihood_tokens(pairs)[0][0]
+        for precision in ("32-true", "bf16-mixed")
+    }
+    assert scores["bf16-mixed"] != scores["32-true"]  # autocast did run
+    assert scores["bf16-mixed"] == pytest.approx(scores["32-true"], rel=3e-2)
+
+
+def test_requests_the_model_cannot_serve_are_one_clear_error(restored, ckpt):
+    model = harness_model(restored, stride=None, batch_size=1, precision="32-true", seed=0)
+    request = Instance("generate_until", {}, ("ROMEO:", {"until": ["\n"], "max_gen_toks": 32}), 0)
+    with pytest.raises(ValueError, match="asks for 32 new tokens"):
+        model.generate_until([request])
+    with pytest.raises(ValueError, match=r"stride=0 must be in \[1, 32\]"):
+        harness_model(restored, stride=0, batch_size=1, precision="32-true", seed=0)
+    with pytest.raises(ValueError, match="scores WikiText-2's articles"):
+        evaluate_checkpoint(str(ckpt), documents=True)
+    with pytest.raises(ValueError, match="precision=bf16-true"):
+        evaluate_checkpoint(str(ckpt), stride=8, precision="bf16-true")
+    with pytest.raises(ValueError, match=r"eval.stride=33 must be in \[1, 32\]"):
+        evaluate_checkpoint(str(ckpt), stride=33)

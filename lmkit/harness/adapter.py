@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import LM
+from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm.auto import tqdm
 
 from lmkit.data.tokenizers import Tokenizer
@@ -48,7 +49,8 @@ class LMKitLM(LM):
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_length, self.stride = max_length, stride or max_length
+        self.max_length = max_length
+        self.stride = max_length if stride is None else stride
         if not 1 <= self.stride <= max_length:
             raise ValueError(f"stride={stride} must be in [1, {max_length}] (the context)")
         if batch_size < 1:
@@ -94,8 +96,13 @@ class LMKitLM(LM):
         for i, req in enumerate(requests):
             context, kwargs = req.args
             option = generation_options(kwargs)
+            keep = self.max_length - option["max_gen_toks"]
+            if keep < 1:
+                raise ValueError(
+                    f"the task asks for {option['max_gen_toks']} new tokens, which leaves no room "
+                    f"for its prompt in the model's context of {self.max_length} tokens"
+                )
             ids = self.tokenizer.encode(context) or [self.prefix_token_id]
-            keep = max(self.max_length - option["max_gen_toks"], 1)
             encoded.append(ids[-keep:])
             options.append(option)
             groups[(len(encoded[-1]), repr(sorted(option.items())))].append(i)
@@ -127,10 +134,12 @@ class LMKitLM(LM):
         """(sum of log-probabilities, whether greedy decoding gives it) of each continuation
         after its context; batches of similar length, longest first."""
         for _, continuation in pairs:
-            if not 1 <= len(continuation) <= self.max_length:
+            if not continuation:
+                raise ValueError("a request's continuation encodes to no tokens; nothing to score")
+            if len(continuation) > self.max_length:
                 raise ValueError(
-                    f"a continuation of {len(continuation)} tokens cannot be scored in a context "
-                    f"of {self.max_length}"
+                    f"a continuation of {len(continuation)} tokens cannot be scored in the "
+                    f"model's context of {self.max_length} tokens"
                 )
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -178,19 +187,15 @@ class LMKitLM(LM):
 
 
 def generation_options(kwargs: dict) -> dict:
-    """until (stop strings), max_gen_toks and temperature (0: greedy) from a task's
-    generation kwargs; sampling only when the task asks for it (do_sample)."""
-    kwargs = dict(kwargs or {})
-    until = kwargs.pop("until", None) or []
-    if isinstance(until, str):
-        until = [until]
-    temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-    if not kwargs.pop("do_sample", False):
-        temperature = 0.0
+    """until (stop strings), max_gen_toks and temperature (0: greedy) from a task's generation
+    kwargs, read as the harness's own models read them (normalize_gen_kwargs: its aliases of
+    max_gen_toks, and sampling when do_sample is set or a temperature is given without it)."""
+    kwargs = normalize_gen_kwargs(dict(kwargs or {}), DEFAULT_MAX_GEN_TOKS)
+    until = kwargs.get("until") or []
     return {
         "until": tuple(until),
-        "max_gen_toks": int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)),
-        "temperature": temperature,
+        "max_gen_toks": int(kwargs["max_gen_toks"]),
+        "temperature": float(kwargs.get("temperature") or 0.0) if kwargs["do_sample"] else 0.0,
     }
 
 

@@ -8,9 +8,18 @@ import time
 
 import lightning as L
 
+from lmkit.data.corpora import data_root
+from lmkit.data.wikitext import wikitext_split_file
+from lmkit.rolling import check_rolling
 from lmkit.run.build import build_datamodule, build_model, build_task
 from lmkit.run.checkpoint import Restored, restore
-from lmkit.run.rolling_eval import document_evaluation, stride_evaluation
+from lmkit.run.rolling_eval import (
+    check_precision_name,
+    document_evaluation,
+    evaluation_device,
+    model_context,
+    stride_evaluation,
+)
 from lmkit.run.runtime import apply_runtime_settings, resolve_precision
 
 
@@ -39,12 +48,9 @@ def evaluate_checkpoint(
     cfg = restored.config
     apply_runtime_settings(cfg)  # the matmul precision and threads training ran with
     precision = resolve_precision(precision or cfg.trainer.precision, cfg.trainer.accelerator)
-    corpus = cfg.data.corpus if "corpus" in cfg.data else None
-    if documents and corpus != "wikitext2":
-        raise ValueError(
-            "eval.documents=true scores WikiText-2's articles, but this model was trained on "
-            f"{corpus or 'other data'}; use eval.stride for its own data"
-        )
+    if stride is not None or documents:
+        check_rolling_protocols(restored, split, stride, documents, precision)
+        restored.model.to(evaluation_device(cfg.trainer.accelerator))
     started = time.perf_counter()
     datamodule = _prepared_data(restored, path, split)
     metrics = {
@@ -57,11 +63,29 @@ def evaluate_checkpoint(
     if stride is not None:
         metrics["stride"] = stride_evaluation(restored, datamodule, split, stride, **options)
     if documents:
-        doc_stride = stride or int(cfg.data.block_size)
+        doc_stride = stride or model_context(restored)
         metrics["documents"] = document_evaluation(
             restored, split, doc_stride, detokenized=detokenize, **options
         )
     return metrics
+
+
+def check_rolling_protocols(restored: Restored, split, stride, documents: bool, precision) -> None:
+    """What the rolling evaluations need, before the fixed windows' pass: a stride within the
+    context, a precision they run, WikiText-2 (and its files) for documents."""
+    check_precision_name(precision)
+    if stride is not None:
+        check_rolling(model_context(restored), stride)
+    if not documents:
+        return
+    data = restored.config.data
+    corpus = data.corpus if "corpus" in data else None
+    if corpus != "wikitext2":
+        raise ValueError(
+            "eval.documents=true scores WikiText-2's articles, but this model was trained on "
+            f"{corpus or 'other data'}; use eval.stride for its own data"
+        )
+    wikitext_split_file(data_root(), split)
 
 
 def check_protocol_options(stride, documents: bool, limit_batches, batch_size: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from lmkit.run.checkpoint import (
 )
 from lmkit.run.model_card import model_card
 
+log = logging.getLogger(__name__)
 FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, CARD_FILE)
 
 
@@ -117,7 +119,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True) -> str:
     try:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True, private=private)
-        return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id).commit_url)
+        url = str(api.upload_folder(folder_path=str(folder), repo_id=repo_id).commit_url)
     except Exception as err:  # offline, no token, no rights: the same advice
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConnectionError(
@@ -125,3 +127,5 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True) -> str:
             f"{reason}); the folder is written: log in (hf auth login) and push it when online "
             f"with `hf upload {repo_id} {folder}`"
         ) from err
+    log.info("pushed %s to %s", folder, url)
+    return url

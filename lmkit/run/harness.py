@@ -6,11 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmkit.errors import MissingExtraError
 from lmkit.run.checkpoint import Restored, restore
+from lmkit.run.rolling_eval import MIXED, check_precision_name, evaluation_device, model_context
 from lmkit.run.runtime import apply_runtime_settings, resolve_precision
 
 _MISSING = ""  # why lm_eval did not import, when it did not
@@ -27,23 +27,20 @@ except ModuleNotFoundError as err:  # reported when scripts/lm_eval.py runs
     _MISSING = str(err)
 
 log = logging.getLogger(__name__)
-AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def harness_model(restored: Restored, *, stride, batch_size: int, precision: str | None, seed: int):
     """The lm-eval adapter around a restored model, at the context it was trained with."""
     cfg = restored.config
-    context = int(cfg.data.block_size)
-    if restored.model.max_len is not None:  # bounded positions
-        context = min(context, restored.model.max_len)
     precision = resolve_precision(precision or cfg.trainer.precision, cfg.trainer.accelerator)
+    check_precision_name(precision)
     return LMKitLM(
-        restored.model,
+        restored.model.to(evaluation_device(cfg.trainer.accelerator)),
         restored.tokenizer,
-        max_length=context,
+        max_length=model_context(restored),
         stride=stride,
         batch_size=batch_size,
-        autocast_dtype=AUTOCAST.get(precision),
+        autocast_dtype=MIXED.get(precision),
         seed=seed,
     )
 

@@ -21,15 +21,39 @@ from lmkit.run.checkpoint import Restored
 # The token that stands before a document's first token (lmkit's tokenizers have no end-of-text
 # token): a newline, the separator the models saw before every line and article in training.
 DOCUMENT_PREFIX = "\n"
+MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+FULL = ("32-true", "32")
+
+
+def model_context(restored: Restored) -> int:
+    """The context the model is evaluated with: the block_size it trained with, capped by a
+    bounded positional embedding."""
+    context = int(restored.config.data.block_size)
+    max_len = getattr(restored.model, "max_len", None)
+    return context if max_len is None else min(context, int(max_len))
+
+
+def evaluation_device(accelerator: str) -> torch.device:
+    """The device the rolling evaluations and the harness run on: the GPU where the run's
+    accelerator allows one and one is present, else the CPU."""
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def check_precision_name(precision: str) -> None:
+    if precision not in MIXED and precision not in FULL:
+        raise ValueError(
+            f"precision={precision} (the run's trainer.precision unless precision= is given) has "
+            f"no rolling evaluation; pass precision=32-true or precision=bf16-mixed"
+        )
 
 
 def precision_context(precision: str, device: torch.device):
     """torch.autocast for a mixed precision, nothing for full precision."""
-    if precision in ("bf16-mixed", "16-mixed"):
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    if precision not in ("32-true", "32", "64-true"):
-        raise ValueError(f"precision={precision!r}; use 32-true or bf16-mixed")
+    check_precision_name(precision)
+    if precision in MIXED:
+        return torch.autocast(device.type, dtype=MIXED[precision])
     return contextlib.nullcontext()
 
 
@@ -38,7 +62,7 @@ def stride_evaluation(
 ) -> dict:
     """loss, ppl, bpb (and word_ppl where the data counts words) of a whole split with rolling
     windows of the model's block_size advancing `stride` tokens."""
-    context = int(restored.config.data.block_size)
+    context = model_context(restored)
     check_rolling(context, stride)
     if not hasattr(datamodule, "ids"):
         raise ValueError(
@@ -78,7 +102,7 @@ def document_evaluation(
     of block_size advancing `stride`, word and byte perplexity and bits per byte.
     detokenized=False scores the articles as stored (WikiText's spaced tokens, the text a model
     trained on WikiText-2 saw), with the same counts."""
-    context = int(restored.config.data.block_size)
+    context = model_context(restored)
     check_rolling(context, stride)
     path, variant = wikitext_split_file(data_root(), split)
     pages = split_articles(read_text(path))
