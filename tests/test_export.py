@@ -5,6 +5,7 @@ carries the run's figures; bad options fail before any work, and never overwrite
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -136,7 +137,11 @@ def test_an_existing_folder_of_other_files_is_refused_untouched(ckpt, tmp_path):
         export_folder(ckpt, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     export_folder(ckpt, tmp_path / "model")
-    export_folder(ckpt, tmp_path / "model")  # an earlier export is replaced
+    folder = export_folder(ckpt, tmp_path / "model")  # an earlier export is replaced
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(ValueError, match="repo_id"):
         export_folder(ckpt, tmp_path / "model", push=True)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,12 +107,22 @@ def _write_atomically(out: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
+        _permissions_as_umask(tmp)
         if out.is_dir():
             shutil.rmtree(out)  # only an earlier export's files (check_export_options)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _permissions_as_umask(folder: Path) -> None:
+    """The modes a plain mkdir and open would give (mkdtemp makes the folder private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = True) -> str:
