@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -47,3 +48,14 @@ def uses_rotary(mixer: str) -> bool:
     """Whether a mixer config takes rotary positions (mixers without q/k, like Mamba, do not)."""
     cfg = compose_config(f"model/mixer={mixer}", run_dir="/tmp/unused")
     return "rotary" in inspect.signature(instantiate(cfg.model.mixer).func).parameters
+
+
+def run_in_pieces(layer, x, cache, sizes):
+    """layer's output for x [B, T, D] fed through `cache` in pieces of `sizes` tokens (a prefill,
+    single steps, longer continuations), concatenated along time."""
+    out, pos = [], 0
+    for n in sizes:
+        out.append(layer(x[:, pos : pos + n], cache))
+        pos += n
+    assert pos == x.shape[1], f"the pieces {sizes} cover {pos} of {x.shape[1]} tokens"
+    return torch.cat(out, 1)

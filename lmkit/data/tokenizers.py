@@ -235,3 +235,19 @@ def _train_word(texts: Iterable[str]) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizer
     # no decoder: decoding joins the tokens with single spaces
     return Tokenizer(tokenizer, "word")
+
+
+# The text that stands before a document's first token (lmkit's tokenizers have no end-of-text
+# token): a newline, the separator the models saw before every line and article in training.
+DOCUMENT_PREFIX = "\n"
+
+
+def document_prefix_id(tokenizer: Tokenizer) -> int:
+    """The id of DOCUMENT_PREFIX, which conditions a document's (or empty context's) first token."""
+    ids = tokenizer.encode(DOCUMENT_PREFIX)
+    if len(ids) != 1:
+        raise ValueError(
+            f"the tokenizer encodes a newline as {len(ids)} tokens; scoring documents needs it "
+            "as one token to stand before each document"
+        )
+    return ids[0]

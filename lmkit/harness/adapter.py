@@ -26,10 +26,9 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm.auto import tqdm
 
-from lmkit.data.tokenizers import Tokenizer
+from lmkit.data.tokenizers import Tokenizer, document_prefix_id
 from lmkit.decoding.sampling import generate
 
-PREFIX_TEXT = "\n"
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -56,10 +55,7 @@ class LMKitLM(LM):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.batch_size, self.autocast_dtype, self.seed = batch_size, autocast_dtype, seed
-        prefix = tokenizer.encode(PREFIX_TEXT)
-        if len(prefix) != 1:
-            raise ValueError("the tokenizer must encode a newline as one token (the prefix token)")
-        self.prefix_token_id = prefix[0]
+        self.prefix_token_id = document_prefix_id(tokenizer)
 
     @property
     def device(self) -> torch.device:

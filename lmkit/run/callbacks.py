@@ -87,11 +87,10 @@ class TrainingProgressBar(RichProgressBar):
     is unbounded, so the bar counts steps without a total or time left, and the epoch shows no
     ``/-2`` of its unset maximum.
 
-    Why not Lightning's default of 100 redraws a second: the bar's refresh thread wakes at that
-    rate and renders in Python, taking the GIL and a core from the math threads (the cost on a
-    CPU step is in docs/throughput.md). For the same reason the logged metrics are re-read only
-    when a redraw can show them. In an interactive session (a notebook) Lightning redraws at
-    every step whatever the rate.
+    4 redraws a second, not Lightning's 100: its refresh thread renders in Python, taking the GIL
+    and a core from the math threads (docs/throughput.md measures the cost per CPU step); logged
+    metrics are re-read only when a redraw shows them. In a notebook Lightning redraws at every
+    step whatever the rate.
     """
 
     def __init__(self, refresh_rate: int = 4, **kwargs) -> None:

@@ -12,15 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lmkit.data.corpora import data_root, read_text
-from lmkit.data.tokenizers import Tokenizer
+from lmkit.data.tokenizers import Tokenizer, document_prefix_id
 from lmkit.data.wikitext import detokenize, document_metrics, split_articles, wikitext_split_file
 from lmkit.evaluation import summarize, word_perplexity
 from lmkit.rolling import check_rolling, rolling_nll, rolling_windows
 from lmkit.run.checkpoint import Restored
 
-# The token that stands before a document's first token (lmkit's tokenizers have no end-of-text
-# token): a newline, the separator the models saw before every line and article in training.
-DOCUMENT_PREFIX = "\n"
 MIXED = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 FULL = ("32-true", "32")
 
@@ -123,12 +120,7 @@ def document_evaluation(
 
 def document_streams(tokenizer: Tokenizer, documents: list[str]) -> list[torch.Tensor]:
     """[prefix token] + the document's tokens, per document."""
-    prefix = tokenizer.encode(DOCUMENT_PREFIX)
-    if len(prefix) != 1:
-        raise ValueError(
-            f"the tokenizer encodes a newline as {len(prefix)} tokens; document-level "
-            "evaluation needs it as one token to stand before each document"
-        )
+    prefix = [document_prefix_id(tokenizer)]
     encoded = tokenizer.encode_batch(documents)
     return [torch.tensor(prefix + ids, dtype=torch.long) for ids in encoded]
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from support import run_in_pieces
 
 from lmkit.mixers.feature_maps import FEATURE_MAPS, taylor
 from lmkit.mixers.linear import (
@@ -200,11 +201,7 @@ def test_outputs_match_the_paper_reference(options, mode):
             layer.out_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 21, D_MODEL)
     if mode == "cached":  # a prefill across chunks, single steps and a longer continuation
-        cache, out, pos = layer.init_cache(2, max_len=1), [], 0
-        for n in (9, 1, 1, 6, 1, 3):
-            out.append(layer(x[:, pos : pos + n], cache))
-            pos += n
-        y = torch.cat(out, 1)
+        y = run_in_pieces(layer, x, layer.init_cache(2, max_len=1), (9, 1, 1, 6, 1, 3))
     else:
         y = layer(x)
     assert_fp32_close(y.double(), paper_reference(layer, x))

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from support import run_in_pieces
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -307,11 +308,7 @@ def test_outputs_match_naive_attention_with_the_paper_mask(name, path):
     ).eval()
     x = torch.randn(2, 23, D_MODEL)
     if path == "cached":
-        cache, out, pos = mixer.init_cache(2, 23, rollback=2), [], 0
-        for n in (9, 1, 1, 7, 1, 4):
-            out.append(mixer(x[:, pos : pos + n], cache))
-            pos += n
-        y = torch.cat(out, 1)
+        y = run_in_pieces(mixer, x, mixer.init_cache(2, 23, rollback=2), (9, 1, 1, 7, 1, 4))
     else:
         y = mixer(x)
     assert_close(y.double(), naive_sparse_attention(mixer, x), **FP32)
