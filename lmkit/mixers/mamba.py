@@ -43,9 +43,11 @@ class Mamba(Mixer):
     """Mamba block: in_proj -> causal depthwise conv + SiLU -> selective scan -> SiLU gate -> out.
 
     The block replaces attention and the MLP (its preset sets `model.mlp: null`). `scan`:
-    "parallel" (chunked scan with a hand-written backward, see `selective_scan`; the `mamba_ssm`
-    CUDA kernel when it is importable and the input is on a GPU) or "sequential" (the reference loop
-    over time). dt_rank None or "auto" is ceil(d_model / 16). The scan and its state run in float32.
+    "fused" (on a CPU, one compiled loop over time, `lmkit.ops.cpu_scan`), "parallel" (the
+    chunked PyTorch scan with a hand-written backward, see `selective_scan`), or "sequential" (the
+    reference loop over time). On a GPU, "fused" and "parallel" take the `mamba_ssm` CUDA kernel
+    when it is importable (cache-less calls), else the chunked scan. dt_rank None or "auto" is
+    ceil(d_model / 16). The scan and its state run in float32.
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class Mamba(Mixer):
         dt_rank: int | str | None = None,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
-        scan: str = "parallel",
+        scan: str = "fused",
         chunk_size: int = 16,
         bias: bool = False,
         conv_bias: bool = True,
@@ -142,7 +144,8 @@ class Mamba(Mixer):
         return self.conv1d(u)
 
     def _scan(self, u, dt, A, B, C, h0):
-        if self.scan == "parallel" and u.is_cuda and h0 is None and _cuda_kernel() is not None:
+        kernel = self.scan != "sequential" and u.is_cuda and h0 is None
+        if kernel and _cuda_kernel() is not None:
             u, dt, B, C = (t.float().transpose(1, 2).contiguous() for t in (u, dt, B, C))
             y, h = _cuda_kernel()(u, dt, A, B, C, D=self.D.float(), return_last_state=True)
             return y.transpose(1, 2), h  # the kernel is channels-first: [B, d_inner, T]

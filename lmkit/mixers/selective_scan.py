@@ -1,4 +1,5 @@
-"""Mamba's selective scan in pure PyTorch: the sequential reference and a chunked parallel form.
+"""Mamba's selective scan: the sequential reference, a chunked parallel form in PyTorch, and the
+fused CPU loop of `lmkit.ops.cpu_scan`.
 
 Both compute, per channel d and state n (Gu & Dao 2023, eq. 2a with ZOH for A, Euler for B):
 
@@ -15,15 +16,27 @@ small (cache-resident on a CPU) and are reused; what is kept for the backward is
 inputs plus one state and one decay per chunk. The backward is written out (a reverse-time scan of
 the gradients that recomputes each segment's states) instead of recorded by autograd, which would
 keep several [B, T, D, N] tensors and thousands of graph nodes.
+
+The fused form ("fused") walks time in one compiled loop that keeps the state in cache; on a
+CPU it is several times faster than the chunked form (docs/performance.md). It needs numba; where
+numba is missing, or on a GPU, "fused" runs the chunked form (a GPU's fused kernel is mamba_ssm's,
+chosen by the Mamba module).
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("parallel", "sequential")
+from lmkit.ops import cpu_scan
+
+log = logging.getLogger(__name__)
+
+MODES = ("fused", "parallel", "sequential")
 # Elements (B * S * D * N) of one segment's work tensor: 2^20 fp32 = 4 MiB keeps a segment's few
 # tensors near a CPU core's cache; a GPU prefers fewer, larger launches.
 SEGMENT_ELEMENTS = {"cpu": 2**20, "cuda": 2**25}
@@ -51,9 +64,58 @@ def selective_scan(
         x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
         D = None if D is None else D.float()
         h0 = x.new_zeros(x.shape[0], x.shape[2], A.shape[1]) if h0 is None else h0.float()
+        if mode == "fused" and x.device.type == "cpu" and fused_available():
+            skip = torch.zeros_like(A[:, 0]) if D is None else D
+            return _FusedScan.apply(x, dt, A, B, C, skip, h0)
         if mode == "sequential" or x.shape[1] == 1:  # one step: the same arithmetic either way
             return selective_scan_sequential(x, dt, A, B, C, D, h0)
         return _ChunkedScan.apply(x, dt, A, B, C, D, h0, chunk_size)
+
+
+@functools.cache
+def fused_available() -> bool:
+    """Whether the fused CPU scan can run (numba imports); says once in the log when it cannot."""
+    if not cpu_scan.available():
+        log.warning("numba is not installed: the CPU selective scan falls back to scan=parallel")
+    return cpu_scan.available()
+
+
+class _FusedScan(torch.autograd.Function):
+    """The numba kernels on zero-copy NumPy views of contiguous float32 CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, skip, h0):
+        x, dt, B, C, skip, h0 = (t.detach().contiguous() for t in (x, dt, B, C, skip, h0))
+        A_t = A.detach().t().contiguous()  # [N, D]: the kernels read states along channels
+        Bsz, T, D = x.shape
+        y, h_last = torch.empty_like(x), torch.empty_like(h0)
+        checkpoints = x.new_empty(Bsz, cpu_scan.checkpoint_count(T), A.shape[1], D)
+        cpu_scan.set_threads(torch.get_num_threads())
+        cpu_scan.forward(*_arrays(x, dt, A_t, B, C, skip, h0, y, h_last, checkpoints))
+        ctx.save_for_backward(x, dt, A_t, B, C, skip, checkpoints)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        x, dt, A_t, B, C, skip, checkpoints = ctx.saved_tensors
+        Bsz, T, D = x.shape
+        N = A_t.shape[0]
+        dy = x.new_zeros(x.shape) if dy is None else dy.float().contiguous()
+        dh_last = x.new_zeros(Bsz, D, N) if dh_last is None else dh_last.float().contiguous()
+        blocks = -(-D // cpu_scan.BACKWARD_BLOCK)
+        dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+        dA_t, dskip = x.new_empty(Bsz, N, D), x.new_zeros(Bsz, D)
+        dB, dC = x.new_empty(2, blocks, Bsz, T, N)
+        dh0 = torch.empty_like(dh_last)
+        cpu_scan.set_threads(torch.get_num_threads())
+        cpu_scan.backward(*_arrays(
+            x, dt, A_t, B, C, skip, checkpoints, dy, dh_last, dx, ddt, dA_t, dB, dC, dskip, dh0
+        ))
+        return dx, ddt, dA_t.sum(0).t(), dB.sum(0), dC.sum(0), dskip.sum(0), dh0
+
+
+def _arrays(*tensors: Tensor):
+    return tuple(t.numpy() for t in tensors)
 
 
 def selective_scan_sequential(

@@ -1,7 +1,10 @@
-"""Mamba: chunked scan vs the sequential reference, cache vs parallel, init, options, presets."""
+"""Mamba: the fused and chunked scans vs the sequential reference, cache vs whole sequence, init,
+options, presets, and the fallback where numba is missing."""
 
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,7 @@ from support import compose_config
 import lmkit.mixers.selective_scan as ss
 from lmkit.mixers.mamba import Mamba, MambaCache
 from lmkit.mixers.selective_scan import selective_scan
+from lmkit.ops import cpu_scan
 from lmkit.run.build import build_model
 from lmkit.task import param_groups
 
@@ -68,22 +72,52 @@ def test_parallel_equals_sequential_outputs_and_gradients(monkeypatch, T, chunk,
         assert_rel_close(a, b, msg=f"d{name}")
 
 
-def test_without_skip_and_initial_state():
+# Lengths around the fused scan's checkpoints (every 32 steps) and channel counts around its
+# work blocks (64 channels backward, 256 forward): the last chunk and block are partial.
+@pytest.mark.parametrize(
+    "T,Dm", [(1, 6), (19, 6), (31, 70), (32, 70), (33, 64), (100, 129), (65, 300)],
+    ids=lambda v: str(v),
+)
+def test_fused_equals_sequential_outputs_and_gradients(T, Dm):
+    ins = scan_inputs(T=T, Dm=Dm, N=5 if Dm < 100 else 16)
+    y0, h0, g0 = scan_and_grads(ins, "sequential")
+    y1, h1, g1 = scan_and_grads(ins, "fused")
+    assert_rel_close(y1, y0, msg="y")
+    assert_rel_close(h1, h0, msg="final state")
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "D", "h0"), g1, g0, strict=True):
+        assert_rel_close(a, b, msg=f"d{name}")
+
+
+def test_fused_exp_is_float32_exact_over_the_decays_range():
+    """The polynomial exp against float64 exp, down to where float32 flushes to zero: within
+    4e-7 plus what rounding v to float32 costs (|v| 2^-24; z = v log2(e) is rounded once more)."""
+    v = -torch.cat([torch.linspace(0, 1, 10_001), torch.logspace(0, 2, 10_001)])[::97]
+    expected = torch.exp(v.double())
+    got = torch.tensor([float(cpu_scan.fast_exp(np.float32(t))) for t in v]).double()
+    normal = expected > 2**-126
+    excess = (got - expected).abs() / expected - (4e-7 + v.abs().double() * 2**-24)
+    assert excess[normal].max() < 0, excess[normal].max()
+    assert (got[~normal] < 2**-125).all()
+
+
+@pytest.mark.parametrize("mode", ["parallel", "fused"])
+def test_without_skip_and_initial_state(mode):
     ins = scan_inputs(T=21)[:5] + [None, None]
     y0, _, g0 = scan_and_grads(ins, "sequential")
-    y1, _, g1 = scan_and_grads(ins, "parallel", 4)
+    y1, _, g1 = scan_and_grads(ins, mode, 4)
     assert_rel_close(y1, y0, msg="y")
     for a, b in zip(g1, g0, strict=True):
         assert_rel_close(a, b, msg="grad")
 
 
-def test_long_sequence_is_stable_and_exact():
+@pytest.mark.parametrize("mode", ["parallel", "fused"])
+def test_long_sequence_is_stable_and_exact(mode):
     """T=8192 with dt up to about 5 and |A| up to 16: the decays underflow, nothing overflows."""
     ins = scan_inputs(Bsz=1, T=8192, Dm=4, N=4, dt_scale=20.0)
     with torch.no_grad():
         ins[2].copy_(-torch.arange(1.0, 17.0).view(4, 4))
         y0, h0 = selective_scan(*ins, mode="sequential")
-    y1, h1 = selective_scan(*ins, mode="parallel", chunk_size=64)
+    y1, h1 = selective_scan(*ins, mode=mode, chunk_size=64)
     y1.square().mean().backward()
     assert torch.isfinite(y1).all() and all(torch.isfinite(t.grad).all() for t in ins)
     assert_rel_close(y1.detach(), y0, msg="y")
@@ -93,14 +127,14 @@ def test_long_sequence_is_stable_and_exact():
 def test_scan_under_autocast_keeps_float32():
     x, dt, A, B, C = (t.detach() for t in scan_inputs()[:5])
     expected, _ = selective_scan(x, dt, A, B, C)
-    for mode in ("parallel", "sequential"):
+    for mode in ("fused", "parallel", "sequential"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, h = selective_scan(x, dt, A, B, C, mode=mode)
         assert y.dtype == h.dtype == torch.float32
         torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
-def make_mamba(scan="parallel", seed=0, **kwargs):
+def make_mamba(scan="fused", seed=0, **kwargs):
     torch.manual_seed(seed)
     return Mamba(D, d_state=4, scan=scan, chunk_size=8, **kwargs).eval()
 
@@ -109,16 +143,18 @@ def test_mamba_under_bf16_is_as_close_to_fp32_as_the_reference():
     """bf16 error of the fast path within a small factor of the reference's (ALGORITHMS.md 0)."""
     x = torch.randn(2, 40, D)
     errors = {}
-    for scan in ("parallel", "sequential"):
+    for scan in ("fused", "parallel", "sequential"):
         m = make_mamba(scan)
         exact = m(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             errors[scan] = (m(x).float() - exact).abs().max().item()
     assert errors["parallel"] <= 3 * errors["sequential"] + 1e-6, errors
+    assert errors["fused"] <= 3 * errors["sequential"] + 1e-6, errors
 
 
-def test_mamba_parallel_equals_sequential_with_parameter_gradients():
-    par, seq = make_mamba("parallel"), make_mamba("sequential")
+@pytest.mark.parametrize("scan", ["parallel", "fused"])
+def test_mamba_scans_equal_sequential_with_parameter_gradients(scan):
+    par, seq = make_mamba(scan), make_mamba("sequential")
     x = torch.randn(2, 29, D)
     outs = []
     for m in (par, seq):
@@ -139,7 +175,7 @@ def test_causal_at_chunk_boundaries(t):
     torch.testing.assert_close(m(x)[:, : t + 1], m(x2)[:, : t + 1], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("scan", ["parallel", "sequential"])
+@pytest.mark.parametrize("scan", ["fused", "parallel", "sequential"])
 @pytest.mark.parametrize("prefill", [1, 2, 5, 11])  # 1 and 2 are shorter than d_conv - 1
 def test_cache_steps_equal_parallel(scan, prefill):
     m = make_mamba(scan)
@@ -168,6 +204,27 @@ def _ssm_state_after(m, x):
     m(x)
     del m._scan
     return captured["out"]
+
+
+def test_fused_falls_back_to_the_chunked_scan_without_numba(monkeypatch, caplog):
+    """Where numba cannot be imported, scan=fused runs the chunked scan and says so once."""
+    monkeypatch.setattr(cpu_scan, "numba", None)
+    ss.fused_available.cache_clear()
+    try:
+        ins = scan_inputs(T=23)
+        with caplog.at_level(logging.WARNING, logger=ss.__name__):
+            y_fallback, h_fallback, g_fallback = scan_and_grads(ins, "fused", 8)
+            scan_and_grads(ins, "fused", 8)
+    finally:
+        ss.fused_available.cache_clear()
+    warnings = [r.getMessage() for r in caplog.records if r.name == ss.__name__]
+    assert warnings == [
+        "numba is not installed: the CPU selective scan falls back to scan=parallel"
+    ]
+    y, h, g = scan_and_grads(ins, "parallel", 8)
+    torch.testing.assert_close(y_fallback, y, atol=0, rtol=0)
+    for a, b in zip(g_fallback, g, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_cache_is_constant_size_and_refuses_crop():
