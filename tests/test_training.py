@@ -87,15 +87,62 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(foreign)
 
 
-def test_precision_auto_follows_the_device(monkeypatch):
+def fake_gemm_rates(monkeypatch, bf16: float, fp32: float) -> list:
+    """torch.mm timings replaced: bf16 and fp32 reach these FLOP/s; returns the calls made."""
+    from lmkit.run import cpu_precision
+
+    calls = []
+
+    def peak(shapes, dtype, seconds):
+        calls.append((tuple(shapes), dtype))
+        return {"flops_per_s": bf16 if dtype == torch.bfloat16 else fp32, "shape": shapes[0]}
+
+    monkeypatch.setattr(cpu_precision, "matmul_peak", peak)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "bf16,fp32,expected",
+    [
+        (400e9, 190e9, "bf16-mixed"),  # AVX-512 BF16 without AMX (Zen 4): about 2x
+        (2000e9, 200e9, "bf16-mixed"),  # AMX
+        (220e9, 200e9, "32-true"),  # faster, but by less than the margin (1.2x)
+        (40e9, 140e9, "32-true"),  # AVX2 only: bf16 emulated
+    ],
+)
+def test_precision_auto_on_a_cpu_follows_measured_gemms(
+    monkeypatch, tmp_path, bf16, fp32, expected
+):
     from lmkit.run import runtime
 
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.resolve_precision("auto", "cpu") == "bf16-mixed"  # AMX: measured faster
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.resolve_precision("auto", "cpu") == "32-true"
-    assert runtime.resolve_precision("32-true", "gpu") == "32-true"  # explicit choices stay
-    assert runtime.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    monkeypatch.setenv("LMKIT_CACHE_DIR", str(tmp_path))
+    calls = fake_gemm_rates(monkeypatch, bf16, fp32)
+    cfg = compose_config("trainer.accelerator=cpu", "data.batch_size=4", "data.block_size=32")
+    assert runtime.resolve_precision("auto", cfg) == expected
+    d = cfg.model.d_model
+    assert calls == [(((128, d, d), (128, d, 4 * d)), dt) for dt in (torch.bfloat16, torch.float32)]
+    assert runtime.resolve_precision("auto", cfg) == expected  # the second time from the cache
+    assert len(calls) == 2 and (tmp_path / "cpu_precision.json").is_file()
+    assert runtime.resolve_precision("32-true", cfg) == "32-true"  # explicit choices stay
+    assert runtime.resolve_precision("bf16-mixed", cfg) == "bf16-mixed"
+
+
+def test_precision_auto_measures_again_for_other_shapes_or_threads(monkeypatch, tmp_path):
+    from lmkit.run import runtime
+
+    monkeypatch.setenv("LMKIT_CACHE_DIR", str(tmp_path))
+    calls = fake_gemm_rates(monkeypatch, 100e9, 100e9)
+    cfg = compose_config("trainer.accelerator=cpu")
+    runtime.resolve_precision("auto", cfg)
+    wider = compose_config("trainer.accelerator=cpu", "model.d_model=48", "model.num_heads=4")
+    runtime.resolve_precision("auto", wider)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        runtime.resolve_precision("auto", cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 6
 
 
 def test_a_time_budget_ends_the_run_at_the_lr_floor(tmp_path):
@@ -178,18 +225,22 @@ def test_precision_auto_on_gpus(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert runtime.resolve_precision("auto", "gpu") == "bf16-mixed"
-    assert runtime.resolve_precision("auto", "auto") == "bf16-mixed"
+    gpu, auto = (compose_config(f"trainer.accelerator={a}") for a in ("gpu", "auto"))
+    assert runtime.resolve_precision("auto", gpu) == "bf16-mixed"
+    assert runtime.resolve_precision("auto", auto) == "bf16-mixed"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert runtime.resolve_precision("auto", "gpu") == "16-mixed"  # pre-Ampere
+    assert runtime.resolve_precision("auto", gpu) == "16-mixed"  # pre-Ampere
 
 
-def test_runtime_settings_resolve_into_the_config(monkeypatch):
+def test_runtime_settings_resolve_into_the_config(monkeypatch, tmp_path):
     from lmkit.run import runtime
 
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("LMKIT_CACHE_DIR", str(tmp_path))
+    fake_gemm_rates(monkeypatch, 50e9, 100e9)
     before = torch.get_float32_matmul_precision()
-    cfg = compose_config("trainer.precision=auto", "runtime.float32_matmul_precision=high")
+    cfg = compose_config(
+        "trainer.precision=auto", "trainer.accelerator=cpu", "runtime.float32_matmul_precision=high"
+    )
     try:
         runtime.apply_runtime_settings(cfg)
         assert cfg.trainer.precision == "32-true"  # what ran is what the checkpoint records

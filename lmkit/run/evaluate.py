@@ -47,7 +47,7 @@ def evaluate_checkpoint(
     restored = restore(path)
     cfg = restored.config
     apply_runtime_settings(cfg)  # the matmul precision and threads training ran with
-    precision = resolve_precision(precision or cfg.trainer.precision, cfg.trainer.accelerator)
+    precision = resolve_precision(precision or cfg.trainer.precision, cfg)
     if stride is not None or documents:
         check_rolling_protocols(restored, split, stride, documents, precision)
         restored.model.to(evaluation_device(cfg.trainer.accelerator))

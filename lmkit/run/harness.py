@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def harness_model(restored: Restored, *, stride, batch_size: int, precision: str | None, seed: int):
     """The lm-eval adapter around a restored model, at the context it was trained with."""
     cfg = restored.config
-    precision = resolve_precision(precision or cfg.trainer.precision, cfg.trainer.accelerator)
+    precision = resolve_precision(precision or cfg.trainer.precision, cfg)
     check_precision_name(precision)
     return LMKitLM(
         restored.model.to(evaluation_device(cfg.trainer.accelerator)),

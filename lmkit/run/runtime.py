@@ -11,6 +11,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from lmkit.run.cpu_precision import config_gemm_shapes, cpu_precision
+
 log = logging.getLogger(__name__)
 
 # glibc's malloc option numbers (malloc.h)
@@ -21,23 +23,16 @@ def on_gpu(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX tiles, Sapphire Rapids on)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, accelerator: str) -> str:
+def resolve_precision(precision: str, cfg: DictConfig) -> str:
     """trainer.precision=auto: bf16-mixed on GPUs with bfloat16 (16-mixed on older ones); on a
-    CPU, bf16-mixed where bf16 matmuls are native (AMX), else 32-true: without native bf16,
-    autocast only adds casts around emulated matmuls (docs/throughput.md has the figures)."""
+    CPU, bf16-mixed where bf16 GEMMs at the model's shapes measure at least
+    runtime.auto_bf16_speedup times faster than fp32 (lmkit.run.cpu_precision), else 32-true:
+    without fast bf16, autocast only adds casts around slow matmuls (docs/performance.md)."""
     if precision != "auto":
         return precision
-    if on_gpu(accelerator):
+    if on_gpu(str(cfg.trainer.accelerator)):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    return cpu_precision(config_gemm_shapes(cfg), float(cfg.runtime.auto_bf16_speedup))
 
 
 def check_precision(precision: str, accelerator: str) -> None:
@@ -75,9 +70,7 @@ def apply_runtime_settings(cfg: DictConfig) -> None:
     `runtime` section: fp32 matmul precision, thread count, malloc's reuse of freed memory."""
     keep_freed_memory()
     with open_dict(cfg):
-        cfg.trainer.precision = resolve_precision(
-            str(cfg.trainer.precision), str(cfg.trainer.accelerator)
-        )
+        cfg.trainer.precision = resolve_precision(str(cfg.trainer.precision), cfg)
     torch.set_float32_matmul_precision(cfg.runtime.float32_matmul_precision)
     if cfg.runtime.threads:
         torch.set_num_threads(int(cfg.runtime.threads))
