@@ -29,6 +29,7 @@ from lmkit.errors import MissingExtraError
 from lmkit.mixers.mamba import Mamba
 from lmkit.mixers.selective_scan import fused_available, selective_scan
 from lmkit.run.cli import run_cli
+from lmkit.run.runtime import keep_freed_memory
 from lmkit.run.timing import matmul_peak
 
 
@@ -122,6 +123,7 @@ def bench(cfg: DictConfig) -> None:
         raise MissingExtraError("the fused scan needs numba: pip install numba")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    keep_freed_memory()  # as training does: large buffers reused, not page-faulted in each call
     channels = cfg.expand * cfg.d_model
     peak = matmul_peak([(cfg.batch * 512, channels, channels)], torch.float32)["flops_per_s"]
     print(f"{torch.get_num_threads()} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")

@@ -12,6 +12,9 @@ report written at the end (scripts/compare.py) lists it with its error.
 
 from pathlib import Path
 
+from lmkit.run import phases  # noqa: F401  first: its clock starts before the heavy imports
+
+# isort: split
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console

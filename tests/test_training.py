@@ -61,6 +61,25 @@ def test_results_json_has_val_and_test_metrics(small_run):
     assert list(on_disk)[-1] == "config"
 
 
+def test_results_split_the_run_by_phase(small_run):
+    """phase_s covers the run from the first import: each phase is a non-negative share, fit's
+    parts hold its steps, and the phases after the first import add up to more than wall_s
+    (which starts when train() is called and leaves out the n-gram baselines)."""
+    _, results = small_run
+    phases = results["phase_s"]
+    assert list(phases) == [
+        "imports and config", "checks", "loggers", "trainer", "data", "model",
+        "final checkpoint", "final evaluation", "n-gram baselines", "loggers' finish",
+        "fit: training steps", "fit: validation", "fit: rest",
+    ]
+    assert all(v >= 0 for v in phases.values()), phases
+    assert phases["fit: training steps"] > 0 and phases["final evaluation"] > 0
+    assert phases["fit: validation"] == results["fit_val_s"]
+    after_import = sum(phases.values()) - phases["imports and config"]
+    assert after_import >= results["wall_s"] - 0.05
+    assert phases["final evaluation"] == pytest.approx(results["final_eval_s"], abs=0.05)
+
+
 def test_checkpoint_loads_weights_only_and_restores_the_model(small_run):
     cfg, results = small_run
     checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=True)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmkit.mixers.base import Mixer
-from lmkit.mixers.selective_scan import MODES, selective_scan
+from lmkit.mixers.selective_scan import MODES, fused_available, selective_scan
+from lmkit.ops.cpu_causal_conv import causal_conv_silu
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ class Mamba(Mixer):
     """Mamba block: in_proj -> causal depthwise conv + SiLU -> selective scan -> SiLU gate -> out.
 
     The block replaces attention and the MLP (its preset sets `model.mlp: null`). `scan`:
-    "fused" (on a CPU, one compiled loop over time, `lmkit.ops.cpu_scan`), "parallel" (the
-    chunked PyTorch scan with a hand-written backward, see `selective_scan`), or "sequential" (the
-    reference loop over time). On a GPU, "fused" and "parallel" take the `mamba_ssm` CUDA kernel
+    "fused" (on a CPU, one compiled loop over time, `lmkit.ops.cpu_scan`, and the causal conv
+    fused with its SiLU, `lmkit.ops.cpu_causal_conv`), "parallel" (the chunked PyTorch scan with
+    a hand-written backward, see `selective_scan`), or "sequential" (the reference loop over
+    time). On a GPU, "fused" and "parallel" take the `mamba_ssm` CUDA kernel
     when it is importable (cache-less calls), else the chunked scan. dt_rank None or "auto" is
     ceil(d_model / 16). The scan and its state run in float32.
     """
@@ -111,7 +113,11 @@ class Mamba(Mixer):
     def forward(self, x: Tensor, cache: MambaCache | None = None) -> Tensor:
         T = x.shape[1]
         u, z = self.in_proj(x).chunk(2, dim=-1)  # each [B, T, d_inner]
-        u = F.silu(self._conv(u.transpose(1, 2), cache)).transpose(1, 2)  # [B, T, d_inner]
+        if self._fused_cpu(u) and cache is None:
+            bias = self.conv1d.bias if self.conv1d.bias is not None else u.new_zeros(self.d_inner)
+            u = causal_conv_silu(u, self.conv1d.weight[:, 0], bias)  # [B, T, d_inner], float32
+        else:
+            u = F.silu(self._conv(u.transpose(1, 2), cache)).transpose(1, 2)  # [B, T, d_inner]
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # The dt bias is added in float32 (under autocast the matmul alone runs in bf16).
         dt = F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float()
@@ -123,6 +129,10 @@ class Mamba(Mixer):
             cache.ssm_state, cache.length = h, cache.length + T
         y = y.to(x.dtype) * F.silu(z)  # [B, T, d_inner]
         return self.out_proj(y)  # [B, T, d_model]
+
+    def _fused_cpu(self, u: Tensor) -> bool:
+        """scan=fused on a CPU with numba: the conv + SiLU run fused too (lmkit.ops)."""
+        return self.scan == "fused" and u.device.type == "cpu" and fused_available()
 
     def _conv(self, u: Tensor, cache: MambaCache | None) -> Tensor:
         """Causal depthwise conv over time: u [B, d_inner, T] -> [B, d_inner, T]."""

@@ -45,11 +45,12 @@ def available() -> bool:
     return numba is not None
 
 
-def _njit(**options):
+def njit(**options):
+    """numba.njit with fastmath, or the plain Python function where numba is missing."""
     return (lambda f: f) if numba is None else numba.njit(fastmath=True, **options)
 
 
-@_njit(inline="always")
+@njit(inline="always")
 def fast_exp(v):
     """exp(v) for float32 v <= 0 as 2^k p(f): the int32 exponent bits give 2^k, so it vectorises."""
     z = max(v * _LOG2E, np.float32(-126.0))  # below 2^-126 the decays are 0 to float32 anyway
@@ -59,7 +60,7 @@ def fast_exp(v):
     return p * np.int32((np.int32(k) + np.int32(127)) << np.int32(23)).view(np.float32)
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def forward(x, dt, A_t, B, C, skip, h0, y, h_last, checkpoints):
     """y [Bsz, T, D], h_last [Bsz, D, N] and the state before every CHECKPOINT-th step,
     checkpoints [Bsz, ceil(T / CHECKPOINT), N, D], from x, dt [Bsz, T, D], A_t = A^T [N, D],
@@ -89,7 +90,7 @@ def forward(x, dt, A_t, B, C, skip, h0, y, h_last, checkpoints):
                 h_last[b, d0 + j, n] = h[n, j]
 
 
-@_njit(inline="always")
+@njit(inline="always")
 def _step(x, dt, A_t, d0, B, C, h, out, decay):
     """One step of one block: h <- exp(dt A) h + dt B x in place, out = C . h and decay =
     exp(dt A), for x, dt, out [w], h, decay [N, w], B, C [N] and the block's columns d0.. of
@@ -110,7 +111,7 @@ def _step(x, dt, A_t, d0, B, C, h, out, decay):
             out[j] += cn * v
 
 
-@_njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True)
 def backward(x, dt, A_t, B, C, skip, checkpoints, dy, dh_last, dx, ddt, dA_t, dB, dC, dskip, dh0):
     """Gradients of the forward's inputs from dy [Bsz, T, D] and dh_last [Bsz, D, N].
 
@@ -162,7 +163,7 @@ def backward(x, dt, A_t, B, C, skip, checkpoints, dy, dh_last, dx, ddt, dA_t, dB
                 dh0[b, d0 + j, n] = g[n, j]
 
 
-@_njit(inline="always")
+@njit(inline="always")
 def _reverse_step(x, dt, A_t, d0, B, C, dy, h_prev, decay, h, g, dx, ddt, dA_t, dB, dC):
     """One step back for one block (shapes as in `_step`): g holds dL/dh_t from the future on
     entry and dL/dh_{t-1} on return; decay = exp(dt A) as the recomputation kept it; dx, ddt

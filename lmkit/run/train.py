@@ -29,6 +29,7 @@ from lmkit.run.checkpoint import (
     check_run_dir,
     resume_checkpoint,
 )
+from lmkit.run.phases import PhaseClock
 from lmkit.run.runtime import apply_runtime_settings, check_precision, compile_model, peak_memory_mb
 from lmkit.task import LanguageModelTask
 
@@ -38,18 +39,26 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict:
     """Train the model of cfg, evaluate it on val (and test), write results.json; return it."""
     started = time.perf_counter()
+    clock = PhaseClock()
+    clock.mark("imports and config")
     run_dir = Path(cfg.run_dir)
     init_state = adopt_init_from(cfg) if cfg.init_from else None  # may replace sections of cfg
     check_run(cfg, run_dir)
     ckpt_path, resumed_step = resume_checkpoint(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    clock.mark("checks")
     loggers = build_loggers(cfg, run_dir, resumed_step=resumed_step)
+    clock.mark("loggers")
     trainer = build_trainer(cfg, run_dir, loggers=loggers, plugins=[AtomicCheckpointIO()])
+    clock.mark("trainer")
     datamodule = build_datamodule(cfg)
     datamodule.prepare()
+    clock.mark("data")
     task = build_run_task(cfg, datamodule, init_state)
+    clock.mark("model")
     # weights_only: a resumed checkpoint is read without unpickling code.
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    clock.mark("fit")
     stopper = next(c for c in trainer.callbacks if isinstance(c, GracefulStop))
     if stopper.stopped_at is not None:  # SIGTERM/SIGINT: checkpointed, no final evaluation
         log.warning(
@@ -60,7 +69,9 @@ def train(cfg: DictConfig) -> dict:
         return {"interrupted_at_step": stopper.stopped_at, "checkpoint": str(last_ckpt(run_dir))}
     # The final weights and full training state, whatever the validation schedule was.
     trainer.save_checkpoint(last_ckpt(run_dir), weights_only=False)
+    clock.mark("final checkpoint")
     results = final_evaluation(trainer, task, datamodule)
+    clock.mark("final evaluation")
     results["eval_protocol"] = (
         f"non-overlapping windows of {cfg.data.block_size} tokens (the context restarts at each "
         "window); the n-gram baseline keeps its whole history (docs/evaluation.md)"
@@ -68,10 +79,27 @@ def train(cfg: DictConfig) -> dict:
     results.update(run_figures(cfg, trainer, task, started, run_dir))
     if trainer.is_global_zero:
         results.update(run_baselines(cfg, datamodule))  # after wall_s: cached across runs
+    clock.mark("n-gram baselines")
+    finish_loggers(loggers)
+    clock.mark("loggers' finish")
+    results["phase_s"] = split_fit(clock.seconds, task)
+    log.info("time by phase: %s", clock.summary())
+    if trainer.is_global_zero:
         results["config"] = task.checkpoint_extras["config"]  # the config stays last
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    finish_loggers(loggers)
     return results
+
+
+def split_fit(seconds: dict[str, float], task: LanguageModelTask) -> dict[str, float]:
+    """The phases with fit split into its training steps, its validations and the rest
+    (Lightning's set-up and teardown, the sanity check, checkpoints at validations)."""
+    phases = dict(seconds)
+    fit = phases.pop("fit")
+    steps, validation = sum(task.step_times), task.fit_val_seconds
+    phases["fit: training steps"] = steps
+    phases["fit: validation"] = validation
+    phases["fit: rest"] = fit - steps - validation
+    return phases
 
 
 def check_run(cfg: DictConfig, run_dir: Path) -> None:

@@ -14,6 +14,7 @@ import lmkit.mixers.selective_scan as ss
 from lmkit.mixers.mamba import Mamba, MambaCache
 from lmkit.mixers.selective_scan import selective_scan
 from lmkit.ops import cpu_scan
+from lmkit.ops.cpu_causal_conv import causal_conv_silu
 from lmkit.run.build import build_model
 from lmkit.task import param_groups
 
@@ -98,6 +99,25 @@ def test_fused_exp_is_float32_exact_over_the_decays_range():
     excess = (got - expected).abs() / expected - (4e-7 + v.abs().double() * 2**-24)
     assert excess[normal].max() < 0, excess[normal].max()
     assert (got[~normal] < 2**-125).all()
+
+
+@pytest.mark.parametrize("T,D,K", [(1, 3, 4), (3, 5, 4), (40, 70, 4), (17, 8, 2)])
+def test_fused_causal_conv_silu_equals_conv1d_then_silu(T, D, K):
+    """The fused kernel against nn.functional.conv1d on a left-padded [B, D, T] copy: outputs and
+    the gradients of input, weight and bias, including T shorter than the kernel."""
+    g = torch.Generator().manual_seed(T)
+    u = torch.randn(3, T, D, generator=g, requires_grad=True)
+    weight = torch.randn(D, K, generator=g, requires_grad=True)
+    bias = torch.randn(D, generator=g, requires_grad=True)
+    w_out = torch.randn(3, T, D, generator=g)
+    fused = causal_conv_silu(u, weight, bias)
+    grads = torch.autograd.grad((fused * w_out).sum(), [u, weight, bias])
+    padded = F.pad(u.transpose(1, 2), (K - 1, 0))
+    reference = F.silu(F.conv1d(padded, weight[:, None], bias, groups=D)).transpose(1, 2)
+    expected = torch.autograd.grad((reference * w_out).sum(), [u, weight, bias])
+    assert_rel_close(fused.detach(), reference.detach(), rel=1e-5, msg="y")
+    for name, a, b in zip(("u", "weight", "bias"), grads, expected, strict=True):
+        assert_rel_close(a, b, rel=1e-5, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("mode", ["parallel", "fused"])
@@ -207,7 +227,8 @@ def _ssm_state_after(m, x):
 
 
 def test_fused_falls_back_to_the_chunked_scan_without_numba(monkeypatch, caplog):
-    """Where numba cannot be imported, scan=fused runs the chunked scan and says so once."""
+    """Where numba cannot be imported, scan=fused runs the chunked scan and nn.Conv1d, and says
+    so once."""
     monkeypatch.setattr(cpu_scan, "numba", None)
     ss.fused_available.cache_clear()
     try:
@@ -215,6 +236,8 @@ def test_fused_falls_back_to_the_chunked_scan_without_numba(monkeypatch, caplog)
         with caplog.at_level(logging.WARNING, logger=ss.__name__):
             y_fallback, h_fallback, g_fallback = scan_and_grads(ins, "fused", 8)
             scan_and_grads(ins, "fused", 8)
+            x = torch.randn(2, 21, D)
+            layer_fallback, layer_chunked = make_mamba("fused")(x), make_mamba("parallel")(x)
     finally:
         ss.fused_available.cache_clear()
     warnings = [r.getMessage() for r in caplog.records if r.name == ss.__name__]
@@ -223,6 +246,7 @@ def test_fused_falls_back_to_the_chunked_scan_without_numba(monkeypatch, caplog)
     ]
     y, h, g = scan_and_grads(ins, "parallel", 8)
     torch.testing.assert_close(y_fallback, y, atol=0, rtol=0)
+    torch.testing.assert_close(layer_fallback, layer_chunked, atol=0, rtol=0)  # conv1d too
     for a, b in zip(g_fallback, g, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
