@@ -14,6 +14,7 @@ from lmkit.mixers.softmax import SoftmaxAttention
 from lmkit.model.decoder import DecoderLM
 from lmkit.model.embeddings import Embedding
 from lmkit.run.bench import bare_step_timings, lightning_step_timings
+from lmkit.run.layer_profile import layer_profile
 from lmkit.run.timing import decode_timings, gemm_shapes, layer_costs, matmul_peak, step_figures
 
 
@@ -73,6 +74,34 @@ def test_decode_timings_reach_each_position():
     assert [r["position"] for r in rows] == [5, 30] and all(r["ms_per_token"] > 0 for r in rows)
 
 
+class _Elementwise(torch.nn.Module):
+    def forward(self, x):
+        return (x.exp() * x.sin()).tanh() + x.cos()
+
+
+class _Matmuls(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_layer_profile_splits_matmuls_from_the_rest():
+    """A layer of matmuls is mostly matmul time; an elementwise layer has none; the operators
+    listed are the largest and their times add up to no more than the total."""
+    options = dict(d_model=64, seq_len=256, batch_size=2, repeats=2, precision="32-true", top=4)
+    matmuls = layer_profile(lambda: _Matmuls(64), **options)
+    elementwise = layer_profile(_Elementwise, **options)
+    assert matmuls["matmul_share"] > 0.5, matmuls
+    assert elementwise["matmul_share"] == 0.0
+    for figures in (matmuls, elementwise):
+        times = [op["ms"] for op in figures["top_ops"]]
+        assert times == sorted(times, reverse=True) and len(times) == 4
+        assert 0 < sum(times) <= figures["ms"] + 1e-9
+
+
 def test_layer_costs_in_a_fresh_process():
     make = functools.partial(SoftmaxAttention, 16, num_heads=2, backend="tiled", tile_size=8)
     (row,) = layer_costs(make, [32], d_model=16, repeats=1)
@@ -84,12 +113,13 @@ def test_bench_script_saves_its_figures(tmp_path):
     done = run_script(
         [
             "scripts/bench.py",
-            "bench.what=[train,layer]",
+            "bench.what=[train,layer,profile]",
             "bench.steps=2",
             "bench.bare=true",
             "bench.warmup=1",
             "bench.peak_seconds=0.01",
             "bench.seq_lens=[16,32]",
+            "bench.profile_seq_len=24",
             "bench.layer_repeats=2",
             "model.d_model=32",
             "model.num_layers=1",
@@ -103,6 +133,7 @@ def test_bench_script_saves_its_figures(tmp_path):
     figures = json.loads(out.read_text())
     assert [row["T"] for row in figures["layer"]] == [16, 32]
     assert figures["layer"][0]["batch_size"] == 1 and figures["layer"][0]["ms"] > 0
+    assert figures["profile"]["seq_len"] == 24 and 0 <= figures["profile"]["matmul_share"] <= 1
     train = figures["train"]
     assert train["tokens_per_s"] > 0 and figures["label"].startswith("SoftmaxAttention")
     assert train["precision"] == "32-true" and train["flops_per_token"]["train"] > 0

@@ -22,8 +22,9 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from torch import nn
 
-from lmkit.run.bench_report import print_decode, print_layer, print_train
+from lmkit.run.bench_report import print_decode, print_layer, print_profile, print_train
 from lmkit.run.build import build_datamodule, build_model, build_task, build_trainer
+from lmkit.run.layer_profile import layer_profile
 from lmkit.run.runtime import apply_runtime_settings, compile_model, peak_memory_mb
 from lmkit.run.timing import (
     StepClock,
@@ -231,7 +232,29 @@ def decode_figures(cfg: DictConfig, console: Console, label: str) -> list[dict]:
     return rows
 
 
-MEASUREMENTS = {"train": train_figures, "layer": layer_figures, "decode": decode_figures}
+def profile_figures(cfg: DictConfig, console: Console, label: str) -> dict:
+    """One mixer layer's forward + backward at bench.profile_seq_len, by operator."""
+    b = cfg.bench
+    make_layer = functools.partial(instantiate(cfg.model.mixer), cfg.model.d_model)
+    figures = layer_profile(
+        make_layer,
+        d_model=cfg.model.d_model,
+        seq_len=b.profile_seq_len,
+        batch_size=b.layer_batch_size,
+        repeats=b.layer_repeats,
+        precision=str(cfg.trainer.precision),
+        device=b.device,
+    )
+    print_profile(console, figures, label)
+    return figures
+
+
+MEASUREMENTS = {
+    "train": train_figures,
+    "layer": layer_figures,
+    "decode": decode_figures,
+    "profile": profile_figures,
+}
 
 
 def bench(cfg: DictConfig) -> dict:

@@ -79,6 +79,19 @@ def print_layer(
     console.print(table)
 
 
+def print_profile(console: Console, figures: dict, label: str) -> None:
+    """The layer's operators by self time, and the share of its matmuls."""
+    table = Table(
+        title=f"{label}: one layer, forward + backward at T={figures['seq_len']}, "
+        f"{figures['ms']:.1f} ms; matmuls {100 * figures['matmul_share']:.0f}%"
+    )
+    for col in ("operator", "ms", "share"):
+        table.add_column(col, justify="left" if col == "operator" else "right")
+    for op in figures["top_ops"]:
+        table.add_row(op["op"], f"{op['ms']:.2f}", f"{100 * op['share']:.0f}%")
+    console.print(table)
+
+
 def print_decode(console: Console, rows: list[dict], label: str) -> None:
     """ms per generated token at each cache fill."""
     table = Table(title=f"decoding with {label} caches, batch 1")

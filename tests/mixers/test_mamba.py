@@ -74,7 +74,7 @@ def test_parallel_equals_sequential_outputs_and_gradients(monkeypatch, T, chunk,
 
 
 # Lengths around the fused scan's checkpoints (every 32 steps) and channel counts around its
-# work blocks (64 channels backward, 256 forward): the last chunk and block are partial.
+# work blocks (128 channels backward, 256 forward): the last chunk and block are partial.
 @pytest.mark.parametrize(
     "T,Dm", [(1, 6), (19, 6), (31, 70), (32, 70), (33, 64), (100, 129), (65, 300)],
     ids=lambda v: str(v),
