@@ -47,8 +47,8 @@ class Mamba(Mixer):
     "fused" (on a CPU, one compiled loop over time, `lmkit.ops.cpu_scan`, and the causal conv
     fused with its SiLU, `lmkit.ops.cpu_causal_conv`), "parallel" (the chunked PyTorch scan with
     a hand-written backward, see `selective_scan`), or "sequential" (the reference loop over
-    time). On a GPU, "fused" and "parallel" take the `mamba_ssm` CUDA kernel
-    when it is importable (cache-less calls), else the chunked scan. dt_rank None or "auto" is
+    time). On a GPU, "fused" and "parallel" take the `mamba_ssm` CUDA kernel when it is
+    importable (cache-less calls), else the chunked scan. dt_rank None or "auto" is
     ceil(d_model / 16). The scan and its state run in float32.
     """
 
