@@ -77,6 +77,9 @@ def test_results_split_the_run_by_phase(small_run):
     assert phases["fit: validation"] == results["fit_val_s"]
     after_import = sum(phases.values()) - phases["imports and config"]
     assert after_import >= results["wall_s"] - 0.05
+    # and nothing counted twice: beyond wall_s only the phases it leaves out
+    outside_wall = phases["n-gram baselines"] + phases["loggers' finish"]
+    assert after_import <= results["wall_s"] + outside_wall + 0.05
     assert phases["final evaluation"] == pytest.approx(results["final_eval_s"], abs=0.05)
 
 
