@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmkit.words import count_words  # noqa: F401 (part of this module's interface)
+
 IGNORE_INDEX = -100  # targets of padding positions (the last partial evaluation window)
 
 
@@ -48,13 +50,6 @@ def summarize(
     if correct is not None:
         metrics["acc"] = correct / tokens
     return metrics
-
-
-def count_words(text: str) -> int:
-    """Words as the word-level literature counts them (WikiText's perplexities): whitespace
-    tokens plus one end-of-line per line (the `\\n` that lmkit's word tokenizer scores as
-    <eos>)."""
-    return len(text.split()) + text.count("\n")
 
 
 def word_perplexity(nll_sum: float, words: int) -> float:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
+import random
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -59,3 +64,34 @@ def run_in_pieces(layer, x, cache, sizes):
         pos += n
     assert pos == x.shape[1], f"the pieces {sizes} cover {pos} of {x.shape[1]} tokens"
     return torch.cat(out, 1)
+
+
+# ---- small corpora of many documents (data=hf) ---------------------------------------------
+
+WORDS = "the a cat dog sat on mat ran far and then it was good bad day night king queen".split()
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        lines = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        docs.append(f"Story {i}.\n" + "\n".join(lines) + "\n")
+    return docs
+
+
+def write_parquet(folder: Path, docs: list[str], parts: int, column: str = "text") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, chunk in enumerate(np.array_split(np.arange(len(docs)), parts)):
+        table = pa.table({column: [docs[i] for i in chunk], "id": [int(i) for i in chunk]})
+        pq.write_table(table, folder / f"part-{k}.parquet")
+
+
+def write_jsonl(path: Path, docs: list[str], column: str = "text") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({column: doc, "id": i}) + "\n")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 from omegaconf import OmegaConf
-from support import REPO
+from support import REPO, documents, write_parquet
 
 from lmkit.data.windows import TrainWindows
 from lmkit.run.build import build_datamodule, build_task
@@ -173,9 +174,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(uninterrupted, tmp_path):
     ckpt = uninterrupted / "checkpoints" / "last.ckpt"
-    out = run(
-        train_cmd(tmp_path / "run", *LENGTH, "model.d_model=64", f"ckpt_path={ckpt}")
-    )
+    out = run(train_cmd(tmp_path / "run", *LENGTH, "model.d_model=64", f"ckpt_path={ckpt}"))
     assert out.returncode == 2
     assert "model.d_model: 32 in the checkpoint vs 64 now" in out.stderr
     assert "resume_accept=[model.d_model]" in out.stderr
@@ -241,10 +240,12 @@ def union_steps(start, run_dir, *, steps: int, ranks: int) -> dict:
     model = restore(start).model.train()
     configured = build_task(cfg, model, datamodule).configure_optimizers()
     optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-    tokens = datamodule._token_file("train")
+    tokens = datamodule.tokens("train")
     for step in range(steps):
         shape = (cfg.data.block_size, cfg.data.batch_size)
-        batches = [TrainWindows(tokens, *shape, cfg.seed, r, steps)[step] for r in range(ranks)]
+        batches = [
+            TrainWindows(tokens, *shape, cfg.seed, r, steps, ranks)[step] for r in range(ranks)
+        ]
         x, y = (torch.cat(parts) for parts in zip(*batches, strict=True))
         masked_mean_nll(model(x), y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
@@ -252,3 +253,101 @@ def union_steps(start, run_dir, *, steps: int, ranks: int) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return model.state_dict()
+
+
+# ---- DDP and several nodes over a sharded corpus (data=hf) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_corpus(tmp_path_factory):
+    """A parquet dump of 1,500 documents whose train split prepares into ~10 shards."""
+    root = tmp_path_factory.mktemp("dump")
+    write_parquet(root, documents(1500, seed=5), parts=3)
+    return [
+        "data=hf",
+        "data.path=parquet",
+        f"data.data_files={root}/*.parquet",
+        "data.holdout.val=0.05",
+        "data.prepare.shard_tokens=12000",
+        "tokenizer=char",
+        "runtime.threads=1",
+    ]
+
+
+DDP = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+def train_parts(stderr: str) -> list[tuple[int, int, int]]:
+    """(rank, first, last token) of each 'draws its train windows' log line."""
+    found = re.findall(
+        r"rank (\d) of 2 draws its train windows from tokens \[(\d+), (\d+)\)", stderr
+    )
+    return sorted({(int(r), int(a), int(b)) for r, a, b in found})
+
+
+def test_ddp_over_shards_killed_with_sigkill_resumes_exactly(sharded_corpus, tmp_path):
+    """Two gloo ranks over ~10 train shards, each drawing from its own half: killed (the whole
+    process group, SIGKILL) after a checkpoint, then resumed: the weights at the end equal the
+    uninterrupted run's."""
+    steps = ["trainer.max_steps=60", "trainer.val_check_interval=30", "ngram.enabled=false"]
+    whole = tmp_path / "whole"
+    out = run(train_cmd(whole, *sharded_corpus, *DDP, *steps))
+    assert out.returncode == 0, out.stderr[-3000:]
+    parts = train_parts(out.stdout)
+    assert [p[0] for p in parts] == [0, 1] and parts[0][2] <= parts[1][1]  # disjoint halves
+
+    run_dir = tmp_path / "killed"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        train_cmd(run_dir, *sharded_corpus, *DDP, *steps),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group: rank 1 dies with rank 0
+    )
+    try:
+        wait_for_checkpoint(proc, last, min_step=10)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = saved_step(last)
+    assert 10 <= killed_at < 60, killed_at
+    out = run(train_cmd(run_dir, *sharded_corpus, *DDP, *steps, "resume=true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert saved_step(last) == 60
+    assert_same_weights(last, whole / "checkpoints" / "last.ckpt")
+
+
+def test_two_nodes_on_one_machine_each_read_their_own_shards(sharded_corpus, tmp_path):
+    """trainer.num_nodes=2 launched twice (NODE_RANK 0 and 1, rendezvous on localhost, gloo):
+    the command of a real cluster. Both train, hold the same weights, read disjoint parts."""
+    port = str(29400 + os.getpid() % 500)
+    nodes = []
+    for node in (0, 1):
+        cmd = train_cmd(
+            tmp_path / f"node{node}",
+            *sharded_corpus,
+            "trainer=ddp",
+            "trainer.devices=1",
+            "trainer.num_nodes=2",
+            "trainer.accelerator=cpu",
+            "trainer.max_steps=10",
+            "trainer.val_check_interval=10",
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+        env.update(MASTER_PORT=port, NODE_RANK=str(node))
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [proc.communicate(timeout=600) for proc in nodes]
+    for proc, (_, err) in zip(nodes, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    parts = [train_parts(log) for log, _ in outputs]
+    assert [p[0][0] for p in parts] == [0, 1]  # node 0 runs rank 0, node 1 rank 1
+    assert parts[0][0][2] <= parts[1][0][1]  # disjoint parts of the train tokens
+    results = json.loads((tmp_path / "node0" / "results.json").read_text())
+    checksums = results["weights_checksum_per_rank"]
+    assert results["steps"] == 10 and len(checksums) == 2 and checksums[0] == checksums[1]

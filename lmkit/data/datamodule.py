@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from lmkit.data.corpora import (
     CORPORA,
@@ -29,6 +25,7 @@ from lmkit.data.corpora import (
     resolve_corpus,
     sha256_of,
 )
+from lmkit.data.shards import ShardedTokens
 from lmkit.data.token_cache import (
     ENCODE_BATCH_LINES,
     cache_fingerprint,
@@ -37,25 +34,15 @@ from lmkit.data.token_cache import (
     read_meta,
     unseen_chars,
 )
+from lmkit.data.token_datamodule import TokenDataModule
 from lmkit.data.tokenizers import Tokenizer, check_tokenizer_config, train_tokenizer
-from lmkit.data.windows import (
-    EvalWindows,
-    RankShard,
-    StepIndexedTraining,
-    StepSampler,
-    TokenFile,
-    TrainLoader,
-    TrainWindows,
-    private_generator,
-)
 from lmkit.evaluation import count_words
 from lmkit.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 
-
-class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
+class TextDataModule(TokenDataModule):
     """Language-modelling data from a named corpus or local text files.
 
     Give either ``corpus`` ("tinyshakespeare", "wikitext2") or a ``train`` file (plus optional
@@ -89,9 +76,15 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         seed: int = 1337,
         max_steps: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            block_size=block_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            max_steps=max_steps,
+        )
         check_sources(corpus, train, val, test)
-        check_loader_options(block_size, batch_size, eval_batch_size, num_workers)
         tokenizer = dict(tokenizer) if tokenizer is not None else {"kind": "char"}
         unknown = set(tokenizer) - {"kind", "vocab_size"}
         if unknown:
@@ -101,32 +94,8 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         self.tokenizer_kind = tokenizer.get("kind", "char")
         self.tokenizer_vocab_size = tokenizer.get("vocab_size")
         check_tokenizer_config(self.tokenizer_kind, self.tokenizer_vocab_size)
-
         self.corpus_name, self.train_file, self.val_file, self.test_file = corpus, train, val, test
-        self.block_size, self.batch_size = block_size, batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.seed = num_workers, seed
-        self.max_steps = max_steps if max_steps is not None and max_steps > 0 else None
-        self.start_step = 0  # the first train batch the next train_dataloader() yields
-
-        self.tokenizer: Tokenizer | None = None
-        self.ids: dict[str, np.memmap] = {}
-        self.split_names: list[str] = []
         self.cache_dir: Path | None = None
-        self.cache_hit: bool | None = None  # whether prepare() found everything cached
-        self.meta: dict[str, Any] = {}
-
-    # ---- preparation -------------------------------------------------------------------
-
-    @property
-    def vocab_size(self) -> int:
-        return self._prepared().tokenizer.vocab_size
-
-    def prepare_data(self) -> None:
-        self.prepare()
-
-    def setup(self, stage: str | None = None) -> None:
-        self.prepare()
 
     def prepare(self) -> None:
         """Resolve and check the files, train the tokenizer and encode every split, or load
@@ -178,18 +147,13 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         }
         self.tokenizer = Tokenizer.load(cache_dir / "tokenizer.json")
 
+    def tokens(self, split: str) -> ShardedTokens:
+        return ShardedTokens([self.cache_dir / f"{split}.bin"], self.meta["dtype"])
+
     def _corpus(self) -> Corpus:
         if self.corpus_name is not None:
             return resolve_corpus(self.corpus_name)
         return local_corpus(self.train_file, self.val_file, self.test_file)
-
-    def _check_block_size(self, tokens: Mapping[str, int]) -> None:
-        for split, n in tokens.items():
-            if self.block_size >= n:
-                raise ValueError(
-                    f"block_size={self.block_size} exceeds the {n} tokens of split '{split}' "
-                    f"(a window needs block_size + 1 tokens); use block_size <= {n - 1}"
-                )
 
     def _build_cache(
         self,
@@ -250,97 +214,6 @@ class TextDataModule(StepIndexedTraining, lightning.LightningDataModule):
         atomic_write(cache_dir / "meta.json", json.dumps(meta, indent=2).encode())
         return meta
 
-    def _prepared(self) -> TextDataModule:
-        if self.tokenizer is None:
-            raise RuntimeError("the data is not prepared yet; call datamodule.prepare() first")
-        return self
-
-    # ---- bits per byte, words ------------------------------------------------------------
-
-    def word_counts(self) -> dict[str, dict[str, int]]:
-        """Per split: its words (``count_words`` of its text) and the tokens an evaluation of
-        the whole split scores (all but the first), for word-normalized perplexity."""
-        self._prepared()
-        return {
-            split: {
-                "words": self.split_words[split],
-                "scored_tokens": self.meta["tokens"][split] - 1,
-            }
-            for split in self.split_names
-        }
-
-    def scored_bytes(self, split: str) -> int:
-        """UTF-8 bytes of the tokens scored in ``split`` (all but the first): the denominator
-        of bits per byte, ``sum(nll) / (ln 2 * scored_bytes)``."""
-        self._check_split(split)
-        return int(self.meta["scored_bytes"][split])
-
-    def _check_split(self, split: str) -> None:
-        if split not in self._prepared().ids:
-            raise ValueError(
-                f"split {split!r} is not in this corpus; its splits are {self.split_names}"
-                + (" (give data.test=path/to/test.txt for a test split)" if split == "test" else "")
-            )
-
-    # ---- loaders -----------------------------------------------------------------------
-
-    def train_dataloader(self) -> DataLoader:
-        """Batches ``(x, y)`` of int64 ``[batch_size, block_size]``; batch i of a run is
-        ``batch_at(i)``, starting at ``start_step``. Under DDP each rank draws its own windows
-        (the rank is part of the seed), so Lightning must not add a distributed sampler."""
-        self._prepared()
-        rank, length = self._train_rank_and_length()
-        dataset = TrainWindows(
-            self._token_file("train"), self.block_size, self.batch_size, self.seed, rank, length
-        )
-        return self._loader(
-            dataset, loader_class=TrainLoader, batch_size=None, sampler=StepSampler(self, length)
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def eval_dataloader(self, split: str) -> DataLoader:
-        """The ordered, every-token-once loader of any split (for scripts and baselines); under
-        DDP each rank gets its own shard of the windows."""
-        return self._eval_loader(split)
-
-    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The train batch of ``step`` (rank 0), without a DataLoader."""
-        self._prepared()
-        windows = TrainWindows(
-            self._token_file("train"), self.block_size, self.batch_size, self.seed, 0, step + 1
-        )
-        return windows[step]
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        self._check_split(split)
-        dataset = EvalWindows(self._token_file(split), self.block_size)
-        shard = RankShard(len(dataset), *self._eval_shard())
-        return self._loader(dataset, batch_size=self.eval_batch_size, sampler=shard)
-
-    def _token_file(self, split: str) -> TokenFile:
-        return TokenFile(self.cache_dir / f"{split}.bin", self.meta["dtype"])
-
-    def _loader(
-        self, dataset: Dataset, loader_class: type[DataLoader] = DataLoader, **kwargs: Any
-    ) -> DataLoader:
-        if self.num_workers > 0:
-            # the tokenizers are done; silence their warning about forking after parallel use
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return loader_class(
-            dataset,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),  # page-locked batches copy to a GPU async
-            generator=private_generator(self.seed),
-            **kwargs,
-        )
-
-
 
 def check_sources(corpus: str | None, train, val, test) -> None:
     """A named corpus or local files, not both, not neither; a known corpus name."""
@@ -359,18 +232,3 @@ def check_sources(corpus: str | None, train, val, test) -> None:
             f"unknown corpus {corpus!r}; choose one of {sorted(CORPORA)} or use data=text "
             "with data.train=path/to/train.txt"
         )
-
-
-def check_loader_options(block_size, batch_size, eval_batch_size, num_workers) -> None:
-    for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer, e.g. {name}=64")
-    if eval_batch_size is not None and (
-        not isinstance(eval_batch_size, int) or eval_batch_size < 1
-    ):
-        raise ValueError(
-            f"eval_batch_size={eval_batch_size!r} must be a positive integer or null "
-            "(null uses batch_size)"
-        )
-    if num_workers < 0:
-        raise ValueError(f"num_workers={num_workers} must be >= 0 (0 loads in the main process)")

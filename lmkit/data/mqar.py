@@ -210,7 +210,7 @@ class MQARDataModule(StepIndexedTraining, lightning.LightningDataModule):
         if split not in self.split_names:
             raise ValueError(f"split {split!r} is not in MQAR; its splits are {self.split_names}")
         self.prepare()
-        shard = RankShard(len(self._eval_sets[split]), *self._eval_shard())
+        shard = RankShard(len(self._eval_sets[split]), *self._rank_and_world())
         return DataLoader(
             self._eval_sets[split],
             batch_size=self.eval_batch_size,

@@ -21,6 +21,12 @@
   order of decreasing train frequency (ties by the word's code points), ``<unk>`` and ``\\n``
   first. Decoding joins tokens with single spaces.
 
+Trained with ``end_of_text=True`` (corpora of many documents, ``data=hf``), each kind also knows
+``<|endoftext|>`` as a special token (``Tokenizer.eot_id``, the last id; 0 bytes): the data path
+puts it after every document, so a window that crosses a document boundary holds it. Text of a
+single document (Tiny Shakespeare, WikiText-2, local files) has none, keeping their vocabularies
+those of the literature.
+
 All save as a standard ``tokenizer.json``; the kind is read back from its decoder (char:
 ``Fuse``, bpe: ``ByteLevel``, word: none, which joins tokens with spaces).
 """
@@ -40,6 +46,7 @@ KINDS = ("char", "bpe", "word")
 _MIN_BPE_VOCAB = 256  # the byte alphabet
 UNK = "<unk>"  # the word tokenizer's token for words not in its vocabulary
 EOL = "\n"  # the word tokenizer's end-of-line token
+EOT = "<|endoftext|>"  # the end-of-document special token (GPT-2's spelling)
 
 
 class Tokenizer:
@@ -63,6 +70,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id of the end-of-document token, or None for a tokenizer trained without it."""
+        return self.tokenizer.token_to_id(EOT)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -162,17 +174,34 @@ def check_tokenizer_config(kind: str, vocab_size: int | None) -> None:
 
 
 def train_tokenizer(
-    kind: str, texts: str | Iterable[str], *, vocab_size: int | None = None
+    kind: str,
+    texts: str | Iterable[str],
+    *,
+    vocab_size: int | None = None,
+    end_of_text: bool = False,
 ) -> Tokenizer:
     """Train a ``char``, ``bpe`` or ``word`` tokenizer on a text or an iterable of texts (e.g.
     lines).
 
-    ``vocab_size`` is the BPE target (the result is smaller when the text has fewer merges to
-    learn); ``char`` and ``word`` take no vocab_size. Training is deterministic.
+    ``vocab_size`` is the BPE target including the special token (the result is smaller when the
+    text has fewer merges to learn); ``char`` and ``word`` take no vocab_size. ``end_of_text``
+    adds ``<|endoftext|>`` as a special token with the last id. Training is deterministic.
     """
     check_tokenizer_config(kind, vocab_size)
     if isinstance(texts, str):
         texts = [texts]
+    bpe_target = vocab_size - 1 if end_of_text and vocab_size else vocab_size  # room for EOT
+    tokenizer = _train(kind, texts, bpe_target)
+    if end_of_text:
+        if EOT in tokenizer.tokenizer.get_vocab(with_added_tokens=True):
+            raise ValueError(f"the tokenizer already has {EOT!r} as a token of the text")
+        # an added special token takes the next id: the last one
+        tokenizer.tokenizer.add_special_tokens([tokenizers.AddedToken(EOT, special=True)])
+        tokenizer._token_bytes = None
+    return tokenizer
+
+
+def _train(kind: str, texts: Iterable[str], vocab_size: int | None) -> Tokenizer:
     if kind == "char":
         chars: set[str] = set()
         for text in texts:
@@ -227,8 +256,8 @@ def _train_word(texts: Iterable[str]) -> Tokenizer:
         counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(text))
     if not counts:
         raise ValueError("cannot train a word tokenizer on text without words; give non-empty text")
-    counts.pop(UNK, None)
-    counts.pop(EOL, None)
+    for reserved in (UNK, EOL, EOT):  # ids of their own (EOT only when end_of_text)
+        counts.pop(reserved, None)
     words = sorted(counts, key=lambda w: (-counts[w], w))
     vocab = {w: i for i, w in enumerate([UNK, EOL, *words])}
     tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lmkit.data.shards import ShardedTokens
 from lmkit.evaluation import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class StepIndexedTraining:
         max_steps = getattr(self, "max_steps", None)
         return rank, (max_steps * accumulate if max_steps else UNBOUNDED_STEPS)
 
-    def _eval_shard(self) -> tuple[int, int]:
+    def _rank_and_world(self) -> tuple[int, int]:
         """(rank, world size) of this process: each rank scores its own share of an evaluation
         split, so that every token is scored once in total (the sums are reduced across ranks)."""
         trainer = getattr(self, "trainer", None)
@@ -91,49 +91,51 @@ class StepIndexedTraining:
         return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
 
 
-class TokenFile:
-    """A lazily opened read-only memmap of a ``.bin`` token file; pickles as its path, so
-    DataLoader workers open their own map instead of receiving a copy of the array."""
-
-    def __init__(self, path: Path, dtype: str) -> None:
-        self.path, self.dtype = Path(path), dtype
-        self._array: np.memmap | None = None
-
-    @property
-    def array(self) -> np.memmap:
-        if self._array is None:
-            self._array = np.memmap(self.path, dtype=self.dtype, mode="r")
-        return self._array
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "_array": None}
+def rank_part(num_tokens: int, rank: int, world: int) -> tuple[int, int]:
+    """Tokens [start, stop) of the train stream that ``rank`` of ``world`` draws its windows
+    from: contiguous, disjoint parts, so no two ranks (or nodes) ever read the same token."""
+    return num_tokens * rank // world, num_tokens * (rank + 1) // world
 
 
 class TrainWindows(Dataset):
     """Map-style dataset indexed by train step; item ``s`` is the whole batch of step ``s``:
-    ``batch_size`` windows at offsets drawn from a generator seeded by (seed, s, rank)."""
+    ``batch_size`` windows at offsets drawn from a generator seeded by (seed, s, rank), inside
+    the rank's own part of the stream (:func:`rank_part`; the whole stream for one process)."""
 
     def __init__(
-        self, tokens: TokenFile, block_size: int, batch_size: int, seed: int, rank: int, length: int
+        self,
+        tokens: ShardedTokens,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        length: int,
+        world: int = 1,
     ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.length = seed, rank, length
+        self.start, self.stop = rank_part(len(tokens), rank, world)
+        if self.stop - self.start <= block_size:
+            raise ValueError(
+                f"the train split's {len(tokens)} tokens give each of {world} ranks "
+                f"{self.stop - self.start}, fewer than a window of block_size + 1 = "
+                f"{block_size + 1}; use a smaller block_size or more train data"
+            )
 
     def __len__(self) -> int:
         return self.length
 
     def offsets(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step, self.rank])
-        # an offset o needs o + block_size + 1 <= n tokens
-        return rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
+        # an offset o needs o + block_size + 1 <= stop
+        return self.start + rng.integers(
+            0, self.stop - self.start - self.block_size, size=self.batch_size
+        )
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.tokens.array
         T = self.block_size
-        rows = np.stack([ids[o : o + T + 1] for o in self.offsets(step)]).astype(np.int64)
+        windows = [self.tokens.window(o, o + T + 1) for o in self.offsets(step)]
+        rows = np.stack(windows).astype(np.int64)
         rows = torch.from_numpy(rows)  # [B, T + 1]
         return rows[:, :-1], rows[:, 1:]  # x, y: [B, T], y is x shifted by one
 
@@ -173,7 +175,7 @@ class EvalWindows(Dataset):
     y = ids[iT+1 : iT+T+1]; the last one is padded with x = 0, y = IGNORE_INDEX, so every
     token after the first is a target exactly once."""
 
-    def __init__(self, tokens: TokenFile, block_size: int) -> None:
+    def __init__(self, tokens: ShardedTokens, block_size: int) -> None:
         self.tokens, self.block_size = tokens, block_size
 
     def __len__(self) -> int:
@@ -181,7 +183,7 @@ class EvalWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size
-        chunk = np.asarray(self.tokens.array[i * T : i * T + T + 1], dtype=np.int64)
+        chunk = self.tokens.window(i * T, i * T + T + 1).astype(np.int64)
         x = torch.zeros(T, dtype=torch.long)
         y = torch.full((T,), IGNORE_INDEX, dtype=torch.long)
         x[: min(len(chunk), T)] = torch.from_numpy(chunk[:T])
@@ -190,16 +192,18 @@ class EvalWindows(Dataset):
 
 
 class RankShard(Sampler[int]):
-    """Indices rank, rank + world, rank + 2 world, ... of a dataset of `length` items: the ranks'
-    shards are disjoint and cover it once (no padding, unlike DistributedSampler)."""
+    """A contiguous block of the indices of a dataset of `length` items per rank: the ranks'
+    blocks are disjoint and cover it once (no padding, unlike DistributedSampler), and each
+    rank reads its own stretch of the split's shards."""
 
     def __init__(self, length: int, rank: int = 0, world: int = 1) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, {world})")
         self.length, self.rank, self.world = length, rank, world
+        self.indices = range(*rank_part(length, rank, world))
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.world))
+        return len(self.indices)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.world))
+        return iter(self.indices)

@@ -185,7 +185,17 @@ def test_ranks_draw_different_windows(shakespeare_char):
     rank0 = list(dm.train_dataloader())
     dm.trainer = fake_trainer(1, use_distributed_sampler=False)
     rank1 = list(dm.train_dataloader())
-    assert torch.equal(rank0[2][0], shakespeare_char.batch_at(2)[0])  # rank 0 is the default
+    # each rank's windows lie in its own half of the train tokens: disjoint across ranks
+    ids = np.asarray(dm.ids["train"])
+    half = len(ids) // 2
+    for rank, batches in ((0, rank0), (1, rank1)):
+        for x, y in batches:
+            for row_x, row_y in zip(x.numpy(), y.numpy(), strict=True):
+                window = np.append(row_x, row_y[-1]).astype(ids.dtype)
+                found = ids.tobytes().find(window.tobytes())
+                assert found % ids.itemsize == 0
+                start = found // ids.itemsize
+                assert rank * half <= start and start + 65 <= (rank + 1) * half + 1
     assert all(not torch.equal(a[0], b[0]) for a, b in zip(rank0, rank1, strict=True))
 
 
