@@ -185,8 +185,9 @@ def train_figures(cfg: DictConfig, work: Path, console: Console) -> list[dict]:
     for experiment in cfg.train_experiments:
         # the data group is swapped under the experiment; block_size and batch_size stay its own
         figures: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(cfg.rounds):
-            for name, data in paths.items():
+        for round_ in range(cfg.rounds):
+            order = list(paths.items())
+            for name, data in order if round_ % 2 == 0 else order[::-1]:  # ABBA: no order bias
                 save = work / f"{experiment or 'default'}-{name}.json"
                 figures[name].append(train_tokens_per_s(experiment, data, save, cfg.train_steps))
         medians = {name: statistics.median(v) for name, v in figures.items()}
