@@ -376,8 +376,15 @@ def test_mixed_encodings_name_the_file_and_offset(tmp_path):
 
 
 def test_a_hub_name_that_cannot_be_reached_offline(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read the variables once, at import (earlier tests imported them): without
+    # these, the load tries the network and fails only after its retries (~20 s offline)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     refused(
         r"could not load hub dataset 'lmkit-tests/no-such-dataset'.*offline",
         "lmkit-tests/no-such-dataset",
