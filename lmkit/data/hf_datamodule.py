@@ -116,18 +116,22 @@ class HFDataModule(TokenDataModule):
         them from the cache. Idempotent; cheap when cached; needs no Trainer."""
         if self.tokenizer is not None:
             return
-        self.source.check_files()  # globs and encodings, before anything is written
+        # the options and globs; the files' encodings are read only when preparing (open())
+        self.source.check_files(encodings=False)
         key = self.fingerprint()
         cache_dir = cache_root() / "shards" / key
         manifest = read_manifest(cache_dir, key)
         self.cache_hit = manifest is not None
         if manifest is None:
             manifest = self._prepare_locked(cache_dir, key)
-        self._check_split_sizes(manifest)
+        self._check_block_size(manifest["tokens"])
         self.meta, self.cache_dir = manifest, cache_dir
         self.split_names = list(manifest["splits"])
         self.split_words = {s: v["words"] for s, v in manifest["splits"].items()}
-        self.ids = {s: self.tokens(s) for s in self.split_names}
+        self.ids = {
+            split: ShardedTokens([cache_dir / r["file"] for r in info["shards"]], manifest["dtype"])
+            for split, info in manifest["splits"].items()
+        }
         self.tokenizer = Tokenizer.load(cache_dir / "tokenizer.json")
         log.info(
             "data: %s in %s (%s)",
@@ -151,23 +155,11 @@ class HFDataModule(TokenDataModule):
             return preparation.run()
 
     def tokens(self, split: str) -> ShardedTokens:
-        records = self.meta["splits"][split]["shards"]
-        return ShardedTokens([self.cache_dir / r["file"] for r in records], self.meta["dtype"])
+        return self._prepared().ids[split]
 
-    def _check_split_sizes(self, manifest: dict[str, Any]) -> None:
-        for split, info in manifest["splits"].items():
-            if info["tokens"] <= self.block_size:
-                held = self.source.held_out().get(split)
-                fix = (
-                    f"hold out more documents (data.holdout.{split}, now {held})"
-                    if held
-                    else "use a larger split"
-                )
-                raise ValueError(
-                    f"split {split!r} has {info['tokens']} tokens ({info['documents']} "
-                    f"documents), fewer than one window of block_size + 1 = {self.block_size + 1}; "
-                    f"{fix} or a smaller data.block_size"
-                )
+    def _longer_split_fix(self, split: str) -> str:
+        held = self.source.held_out().get(split)
+        return f"hold out more documents (data.holdout.{split}, now {held}) or " if held else ""
 
 
 def holdout_of(options: Mapping[str, Any] | None) -> Holdout:

@@ -158,8 +158,9 @@ class HFSource:
             out[split] = paths
         return out
 
-    def check_files(self) -> None:
-        """Local text-like files must be UTF-8 throughout (one pass, in 1 MB chunks)."""
+    def check_files(self, encodings: bool = True) -> None:
+        """A file format comes with data_files and its globs match; with ``encodings``, local
+        text-like files must also be UTF-8 throughout (one pass over them, in 1 MB chunks)."""
         builder = builder_of(self.path)
         if builder is None and self.data_files is None:
             return
@@ -173,7 +174,7 @@ class HFSource:
             raise ValueError(
                 f"data.path={self.path} reads local files: give data.data_files=path/or/glob"
             )
-        if builder in TEXT_BUILDERS:
+        if encodings and builder in TEXT_BUILDERS:
             for paths in files.values():
                 for path in paths:
                     check_utf8(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ from lmkit.data.windows import (
 log = logging.getLogger(__name__)
 
 
-class TokenDataModule(StepIndexedTraining, lightning.LightningDataModule):
+class TokenDataModule(StepIndexedTraining, lightning.LightningDataModule, ABC):
     """Loaders over prepared token splits. ``max_steps`` (optimizer steps) sizes the train
     loader: ``max_steps * accumulate_grad_batches`` batches, unbounded when None or -1."""
 
@@ -71,16 +72,22 @@ class TokenDataModule(StepIndexedTraining, lightning.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
+    @abstractmethod
     def prepare(self) -> None:
-        raise NotImplementedError
+        """Set tokenizer, meta, split_names, split_words and ids (cached after the first call)."""
 
     def _check_block_size(self, tokens: Mapping[str, int]) -> None:
         for split, n in tokens.items():
             if self.block_size >= n:
                 raise ValueError(
                     f"block_size={self.block_size} exceeds the {n} tokens of split '{split}' "
-                    f"(a window needs block_size + 1 tokens); use block_size <= {n - 1}"
+                    f"(a window needs block_size + 1 tokens); {self._longer_split_fix(split)}"
+                    f"use block_size <= {n - 1}"
                 )
+
+    def _longer_split_fix(self, split: str) -> str:
+        """What else makes ``split`` long enough, ending in ' or ' (none by default)."""
+        return ""
 
     def _prepared(self) -> TokenDataModule:
         if self.tokenizer is None:
@@ -167,9 +174,9 @@ class TokenDataModule(StepIndexedTraining, lightning.LightningDataModule):
         shard = RankShard(len(dataset), *self._rank_and_world())
         return self._loader(dataset, batch_size=self.eval_batch_size, sampler=shard)
 
+    @abstractmethod
     def tokens(self, split: str) -> ShardedTokens:
         """The token ids of ``split`` as one stream over its shard files."""
-        raise NotImplementedError
 
     def _loader(
         self, dataset: Dataset, loader_class: type[DataLoader] = DataLoader, **kwargs: Any
